@@ -1,0 +1,26 @@
+"""The side network's KV cache: extra layer slots in the backbone's own transformers `Cache`.
+
+Side block j is built with `layer_idx = num_layers + j`, so its keys and values live in slot `num_layers + j` of the
+cache generation already drives. Everything generation does to a cache (beam reordering, cropping, batch repeat and
+select, reset) applies to every slot, so the side stream stays aligned with the backbone without a second object.
+"""
+
+from __future__ import annotations
+
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicCache, get_layer_types_and_kwargs
+
+
+def reserve_side_slots(cache, side_config) -> None:
+    """Make sure `cache` has a layer slot for every side block (`side_config.num_hidden_layers` slots in all)."""
+    if cache is None:
+        return
+    if not isinstance(cache, DynamicCache):
+        raise NotImplementedError(
+            f"Ladder's side network keeps its keys and values in a DynamicCache; got {type(cache).__name__}. "
+            "Fix: generate with the default cache (do not set cache_implementation='static' or pass another Cache)."
+        )
+    if cache.layer_class_to_replicate is not None:
+        return  # a lazily grown cache appends slots on first update
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(side_config)
+    for index in range(len(cache.layers), len(layer_types)):
+        cache.layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_types[index]](**layer_kwargs[index]))

@@ -1,0 +1,141 @@
+"""`LadderConfig`: the PEFT config of Ladder / xLadder side-network tuning."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registration import LadderPeftType
+from .connections import PRESETS, normalize_connections
+
+GATES = ("sum", "learned")
+
+
+@dataclass
+class LadderConfig(PeftConfig):
+    """Configuration of a Ladder side network (Zheng, Cerisara et al., "Ladder Up, Memory Down", arXiv 2512.14237).
+
+    The frozen backbone runs without gradients; a narrow side network of `side_layers` blocks, fed by down-projected
+    backbone hidden states, is up-projected and added to the last decoder layer's output before the final norm.
+
+    Example:
+
+    ```py
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from peft import get_peft_model
+    >>> from peft_ladder import LadderConfig
+    >>> base = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128,
+    ...     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
+    >>> model = get_peft_model(base, LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, connections="xladder"))
+    >>> model.print_trainable_parameters()  # doctest: +ELLIPSIS
+    trainable params: ...
+    ```
+    """
+
+    # --- side network shape -----------------------------------------------------------------------------------------
+    reduction_factor: int = field(
+        default=8,
+        metadata={
+            "help": "Side width = backbone hidden size / reduction_factor (r in the paper: 8 in LST, 16 in QST). "
+            "Must divide the hidden size."
+        },
+    )
+    side_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Number of side blocks. Default: one per backbone layer for the presets (the paper's fully "
+            "connected ladder), or the highest side block of an explicit map + 1."
+        },
+    )
+    connections: Union[Literal["ladder", "xladder"], dict[int, int]] = field(
+        default="ladder",
+        metadata={
+            "help": "'ladder': backbone layer i feeds side block i. 'xladder': the last xladder_depth backbone layers "
+            "feed the first xladder_depth side blocks, the remaining blocks add depth. Or an explicit "
+            "{backbone_layer: side_block} dict, 0-based as in model.model.layers[i]."
+        },
+    )
+    xladder_depth: Optional[int] = field(
+        default=None,
+        metadata={"help": "xLadder's delta: how many final backbone layers are connected. Default: side_layers // 2."},
+    )
+    # --- mixing and fusion --------------------------------------------------------------------------------------------
+    gate: Union[Literal["sum", "learned"], float] = field(
+        default="sum",
+        metadata={
+            "help": "How a side block's input mixes the side stream s with the projected tap t: 'sum' (s + t, the "
+            "paper's unweighted gated sum), 'learned' (mu*s + (1-mu)*t, mu = sigmoid(a / gate_temperature), a=0 at "
+            "init, as in LST) or a float alpha in [0, 1] (alpha*s + (1-alpha)*t)."
+        },
+    )
+    gate_temperature: float = field(
+        default=0.1, metadata={"help": "Temperature T of the learned gate mu = sigmoid(a / T) (LST uses 0.1)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the up-projection starts at zero, so a fresh adapter reproduces the base model exactly. "
+            "False: random up-projection (a non-identity adapter, for tests)."
+        },
+    )
+    # --- PEFT plumbing ------------------------------------------------------------------------------------------------
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Extra base-model modules to train and save, e.g. a new classification head. PEFT fills "
+            "['classifier', 'score'] for SEQ_CLS."
+        },
+    )
+
+    # Ladder finds its target modules (every decoder layer and the final norm) itself; PEFT reads this attribute.
+    target_modules = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LadderPeftType.LADDER
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
+            raise ValueError(
+                f"reduction_factor={self.reduction_factor!r} must be a positive integer dividing the hidden size, "
+                "e.g. 8 (LST) or 16 (QST)."
+            )
+        if self.side_layers is not None and (
+            isinstance(self.side_layers, bool) or not isinstance(self.side_layers, int) or self.side_layers < 1
+        ):
+            raise ValueError(f"side_layers={self.side_layers!r} must be a positive integer or None (one per layer).")
+        self.connections = normalize_connections(self.connections)
+        if isinstance(self.connections, dict) and self.side_layers is not None:
+            needed = max(self.connections.values()) + 1
+            if self.side_layers < needed:
+                raise ValueError(
+                    f"side_layers={self.side_layers} is below the {needed} side blocks that connections="
+                    f"{self.connections} uses; set side_layers >= {needed} or leave it unset."
+                )
+        if self.xladder_depth is not None:
+            if self.connections != "xladder":
+                raise ValueError(
+                    f"xladder_depth={self.xladder_depth} only applies to connections='xladder' (got "
+                    f"connections={self.connections!r}); remove xladder_depth or use the xladder preset."
+                )
+            if isinstance(self.xladder_depth, bool) or not isinstance(self.xladder_depth, int) or self.xladder_depth < 1:
+                raise ValueError(f"xladder_depth={self.xladder_depth!r} must be a positive integer.")
+            if self.side_layers is not None and self.xladder_depth > self.side_layers:
+                raise ValueError(
+                    f"xladder_depth={self.xladder_depth} exceeds side_layers={self.side_layers}; choose "
+                    f"xladder_depth <= side_layers."
+                )
+        if isinstance(self.gate, str):
+            if self.gate not in GATES:
+                raise ValueError(f"gate={self.gate!r} is unknown; use 'sum', 'learned' or a float weight in [0, 1].")
+        elif isinstance(self.gate, bool) or not isinstance(self.gate, numbers.Real) or not 0.0 <= self.gate <= 1.0:
+            raise ValueError(f"gate={self.gate!r} must be 'sum', 'learned' or a float weight in [0, 1], e.g. 0.5.")
+        if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
+            raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
+
+
+__all__ = ["LadderConfig", "PRESETS"]

@@ -1,0 +1,113 @@
+"""Connection plans: which backbone layer feeds which side block.
+
+Indices are 0-based, as in `model.model.layers[i]` (the paper counts from 1). Hidden states are indexed like
+transformers' `output_hidden_states`: `hidden[0]` enters layer 0 (the embedding output), `hidden[i + 1]` leaves
+layer `i`. A plan needs `hidden[source]` for the side stream's start `s_0` and `hidden[i + 1]` for every connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+ConnectionSpec = Union[str, Mapping[int, int]]
+PRESETS = ("ladder", "xladder")
+
+
+@dataclass(frozen=True)
+class ConnectionPlan:
+    """A resolved connection plan for a backbone of `num_layers` layers and a side network of `side_blocks` blocks."""
+
+    num_layers: int
+    side_blocks: int
+    block_to_layer: dict[int, int]  # side block j -> backbone layer i whose output it receives
+
+    @property
+    def source(self) -> int:
+        """Hidden-state index that seeds the side stream: the input of the first connected backbone layer."""
+        return min(self.block_to_layer.values())
+
+    @property
+    def tap_indices(self) -> tuple[int, ...]:
+        """All hidden-state indices the side network reads, in backbone order."""
+        return tuple(sorted({self.source} | {layer + 1 for layer in self.block_to_layer.values()}))
+
+
+def normalize_connections(connections: ConnectionSpec) -> ConnectionSpec:
+    """Return a preset name or a `{backbone_layer: side_block}` dict with int keys (JSON turns keys into strings)."""
+    if isinstance(connections, str):
+        if connections not in PRESETS:
+            raise ValueError(
+                f"connections={connections!r} is not a preset; use one of {PRESETS} or an explicit "
+                "{backbone_layer: side_block} dict such as {0: 0, 1: 1}."
+            )
+        return connections
+    if not isinstance(connections, Mapping) or not connections:
+        raise ValueError(
+            f"connections={connections!r} must be 'ladder', 'xladder' or a non-empty {{backbone_layer: side_block}} "
+            "dict such as {0: 0, 1: 1}."
+        )
+    try:
+        mapping = {int(layer): int(block) for layer, block in connections.items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"connections={connections!r} must map integer backbone layers to integer side blocks, e.g. {{0: 0, 1: 1}}."
+        ) from None
+    negative = {k: v for k, v in mapping.items() if k < 0 or v < 0}
+    if negative:
+        raise ValueError(f"connections={connections!r} has negative indices {negative}; indices are 0-based and >= 0.")
+    blocks = list(mapping.values())
+    doubled = sorted({b for b in blocks if blocks.count(b) > 1})
+    if doubled:
+        into = {b: sorted(k for k, v in mapping.items() if v == b) for b in doubled}
+        raise ValueError(
+            f"connections={connections!r} sends several backbone layers into one side block ({into}); each side "
+            "block takes at most one backbone layer. Fix: give each backbone layer its own side block."
+        )
+    return mapping
+
+
+def default_side_blocks(connections: ConnectionSpec, num_layers: int) -> int:
+    """The number of side blocks when `side_layers` is not given: one per backbone layer, or what the map needs."""
+    if isinstance(connections, str):
+        return num_layers
+    return max(connections.values()) + 1
+
+
+def resolve_plan(
+    connections: ConnectionSpec, num_layers: int, side_blocks: int | None, xladder_depth: int | None
+) -> ConnectionPlan:
+    """Turn a preset or explicit map into a `ConnectionPlan` for a backbone with `num_layers` layers."""
+    connections = normalize_connections(connections)
+    if side_blocks is None:
+        side_blocks = default_side_blocks(connections, num_layers)
+    if connections == "ladder":
+        # Standard LST/QST ladder: side block i reads backbone layer i ("Ladder@l" connects the first l layers).
+        block_to_layer = {i: i for i in range(min(side_blocks, num_layers))}
+    elif connections == "xladder":
+        depth = xladder_depth if xladder_depth is not None else max(1, side_blocks // 2)
+        if depth > num_layers:
+            raise ValueError(
+                f"xladder_depth={depth} exceeds the backbone's {num_layers} layers; choose xladder_depth <= {num_layers}."
+            )
+        if depth > side_blocks:
+            raise ValueError(
+                f"xladder_depth={depth} exceeds side_layers={side_blocks}; the first xladder_depth side blocks are the "
+                f"connected ones. Choose xladder_depth <= {side_blocks} or raise side_layers."
+            )
+        # xLadder: the last `depth` backbone layers feed the first `depth` side blocks; the rest add depth.
+        block_to_layer = {k: num_layers - depth + k for k in range(depth)}
+    else:
+        missing = sorted(layer for layer in connections if layer >= num_layers)
+        if missing:
+            raise ValueError(
+                f"connections={connections!r} names backbone layers {missing}, but the model has {num_layers} layers "
+                f"(valid: 0..{num_layers - 1})."
+            )
+        if max(connections.values()) >= side_blocks:
+            raise ValueError(
+                f"side_layers={side_blocks} is below the side blocks used in connections={connections!r}; "
+                f"set side_layers >= {max(connections.values()) + 1} or leave it unset."
+            )
+        block_to_layer = {block: layer for layer, block in connections.items()}
+    return ConnectionPlan(num_layers=num_layers, side_blocks=side_blocks, block_to_layer=dict(sorted(block_to_layer.items())))

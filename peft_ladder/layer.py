@@ -1,0 +1,192 @@
+"""PEFT tuner layers: a no-grad tap around every decoder layer, and the fusion point at the final norm.
+
+```
+ embed -> [tap 0: layer 0] -> ... -> [tap L-1: layer L-1] -> [fusion: h_L + up(side) -> final norm] -> head
+              |  no grad                    |  no grad             ^
+              +-- project --> TapBuffer <---+-- project            |  side network (runs with grad)
+```
+
+Every decoder layer is wrapped, connected or not, because the whole stack must run without grad. The side network
+of each adapter lives in the fusion layer (`ladder_side`); the taps reach it through a `TapBuffer` shared by all
+layers of one model, which also carries the attention inputs (mask, rotary, cache) the side blocks reuse.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .cache import reserve_side_slots
+from .side_network import LadderSideNetwork
+
+GC_WARNING = (
+    "Gradient checkpointing has no effect on Ladder's frozen backbone: it already runs without grad and keeps no "
+    "activations for backward. Only the side blocks are checkpointed (less memory, more compute)."
+)
+
+
+class TapBuffer:
+    """Per-forward state shared by the Ladder layers of one model (plain Python: not a module, never saved)."""
+
+    def __init__(self) -> None:
+        self.fusion: list[LadderFusionLayer] = []  # a list, so the fusion layer is not registered twice
+        self.clear()
+
+    def clear(self) -> None:
+        self.taps: dict[int, torch.Tensor] = {}
+        self.block_args: Optional[tuple] = None
+        self.block_kwargs: Optional[dict] = None
+
+    def active_side(self) -> Optional[LadderSideNetwork]:
+        return self.fusion[0].active_side() if self.fusion else None
+
+
+class LadderLayer(BaseTunerLayer):
+    """Common base of Ladder's tuner layers, so PEFT's adapter switching reaches both kinds."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Models read attributes off the layers they iterate over (e.g. `decoder_layer.attention_type`).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(
+            "A Ladder side network cannot be merged into the base weights: it is a separate network fed by the "
+            "backbone's hidden states. Use `model.unload()` to get the base model back."
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("Ladder adapters are never merged, so there is nothing to unmerge.")
+
+
+class LadderTapLayer(nn.Module, LadderLayer):
+    """Runs one frozen decoder layer without grad and hands the hidden states the side network reads to it."""
+
+    other_param_names = ("ladder_taps",)
+
+    def __init__(self, base_layer: nn.Module, layer_index: int, buffer: TapBuffer, reference: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.is_reference = reference  # its attention inputs are reused by the side blocks
+        self.buffer = buffer
+        self.ladder_taps: dict[str, tuple[int, ...]] = {}  # adapter -> hidden-state indices read around this layer
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, side: LadderSideNetwork) -> None:
+        index = self.layer_index
+        self.ladder_taps[adapter_name] = tuple(i for i in (index, index + 1) if side.reads(i))
+        self.set_adapter(self.active_adapters)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.ladder_taps)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        side = self.buffer.active_side()
+        if self.disable_adapters or side is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+        if self.layer_index == 0:
+            self.buffer.clear()  # a new forward pass starts here
+        if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
+            warnings.warn(GC_WARNING, stacklevel=2)
+        if side.reads(self.layer_index):
+            self.buffer.taps[self.layer_index] = side.project(self.layer_index, hidden_states)
+        output = run_frozen(self.base_layer, hidden_states, *args, **kwargs)
+        if side.reads(self.layer_index + 1):
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            self.buffer.taps[self.layer_index + 1] = side.project(self.layer_index + 1, hidden_out)
+        if self.is_reference:
+            self.buffer.block_args, self.buffer.block_kwargs = args, kwargs
+        return output
+
+    def __repr__(self) -> str:
+        return "ladder_tap." + super().__repr__()
+
+
+def run_frozen(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Run a frozen backbone layer with autograd off.
+
+    Frozen weights alone are not enough: `enable_input_require_grads()` (gradient checkpointing, k-bit preparation)
+    makes the embedding output require grad, and every backbone activation would then be saved for backward.
+    """
+    with torch.no_grad():
+        return layer(*args, **kwargs)
+
+
+class LadderFusionLayer(nn.Module, LadderLayer):
+    """Wraps the final norm: adds the active adapter's side output to the last decoder layer's output, then norms."""
+
+    adapter_layer_names = ("ladder_side",)
+
+    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, side_config) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.buffer = buffer
+        buffer.fusion[:] = [self]
+        self.side_config = side_config
+        self.ladder_side = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, side: LadderSideNetwork) -> None:
+        self.ladder_side[adapter_name] = side
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def active_side(self) -> Optional[LadderSideNetwork]:
+        if self.disable_adapters or not self.active_adapters:
+            return None
+        return self.ladder_side[self.active_adapters[0]] if self.active_adapters[0] in self.ladder_side else None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        side = self.active_side()
+        buffer = self.buffer
+        if side is None or not buffer.taps:
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+        taps, block_args, block_kwargs = buffer.taps, buffer.block_args, buffer.block_kwargs
+        buffer.clear()  # keep nothing alive between steps
+        block_args, block_kwargs = _cast_floats((block_args or (), block_kwargs or {}), side.dtype)
+        reserve_side_slots(_find_cache(block_args, block_kwargs), self.side_config)
+
+        def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
+            out = block(side_hidden, *block_args, **block_kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        side_out = side(taps, run_block)  # (B, T, d)
+        return self.base_layer(hidden_states + side_out.to(hidden_states.dtype), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "ladder_fusion." + super().__repr__()
+
+
+def _find_cache(args: tuple, kwargs: dict):
+    from transformers.cache_utils import Cache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors among the reused attention inputs (rotary cos/sin, additive masks) to `dtype`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(item, dtype) for item in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(item, dtype) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _cast_floats(value, dtype) for key, value in obj.items()}
+    return obj

@@ -1,0 +1,87 @@
+"""The Ladder side network: projection adapters, side blocks, gates and the up-projection.
+
+Plain `nn.Module`s with no PEFT import. The side blocks are the backbone's own decoder-layer class built at width
+d_s = d / r (see `backbone.side_config`), so attention, rotary and padding conventions are the backbone's.
+
+```
+ hidden[source] --down--> s_0 --[mix]--> block 0 --[mix]--> block 1 ... block l-1 --norm--> up --> added to h_L
+                               ^                  ^
+ hidden[i0 + 1] --down---------+   hidden[i1 + 1]-+          (i_j: the backbone layer connected to side block j)
+```
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from .connections import ConnectionPlan
+
+BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class LadderSideNetwork(nn.Module):
+    """One adapter's side network. `project` runs at each tapped layer, `forward` at the fusion point."""
+
+    def __init__(
+        self,
+        plan: ConnectionPlan,
+        hidden_size: int,
+        side_config,
+        block_cls: type,
+        gate: Union[str, float] = "sum",
+        gate_temperature: float = 0.1,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        side_width = int(side_config.hidden_size)
+        self.plan = plan
+        self.gate_mode = gate
+        self.gate_temperature = float(gate_temperature)
+        # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).
+        self.down = nn.ModuleDict({str(index): nn.Linear(hidden_size, side_width) for index in plan.tap_indices})
+        self.blocks = nn.ModuleList(
+            [block_cls(side_config, layer_idx=plan.num_layers + j) for j in range(plan.side_blocks)]
+        )
+        self.norm = nn.RMSNorm(side_width, eps=1e-6)
+        self.up = nn.Linear(side_width, hidden_size, bias=False)
+        if gate == "learned":
+            # LST's gate: mu = sigmoid(a / T), a = 0 at init (an even mix); one per connection, all used every step.
+            self.gate_logits = nn.Parameter(torch.zeros(len(plan.block_to_layer)))
+        self._gate_slot = {block: slot for slot, block in enumerate(plan.block_to_layer)}
+        if init_weights:
+            nn.init.zeros_(self.up.weight)  # a fresh adapter reproduces the base model exactly
+        else:
+            nn.init.normal_(self.up.weight, std=1.0 / side_width**0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.weight.dtype
+
+    def reads(self, index: int) -> bool:
+        return str(index) in self.down
+
+    def project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone."""
+        return self.down[str(index)](hidden.detach().to(self.dtype))
+
+    def mix(self, block: int, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        if self.gate_mode == "sum":
+            return side + tap
+        if self.gate_mode == "learned":
+            mu = torch.sigmoid(self.gate_logits[self._gate_slot[block]] / self.gate_temperature)
+        else:
+            mu = float(self.gate_mode)
+        return mu * side + (1.0 - mu) * tap
+
+    def forward(self, taps: dict[int, torch.Tensor], run_block: BlockRunner) -> torch.Tensor:
+        """Run the side stream over the projected `taps` and return its up-projection (B, T, d)."""
+        side = taps[self.plan.source]  # s_0: (B, T, d_s)
+        for j, block in enumerate(self.blocks):
+            layer = self.plan.block_to_layer.get(j)
+            if layer is not None:
+                side = self.mix(j, side, taps[layer + 1])
+            side = run_block(block, side)
+        return self.up(self.norm(side))
