@@ -33,7 +33,7 @@ class Backbone:
         return len(self.layer_names)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def base_module(module: nn.Module) -> nn.Module:
     # A layer already wrapped by a PEFT tuner layer (second adapter, reload) exposes the original as `base_layer`.
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
@@ -50,6 +50,8 @@ def find_backbone(model: nn.Module) -> Backbone:
     text_config = config.get_text_config(decoder=True)
     num_layers = getattr(text_config, "num_hidden_layers", None)
     for name, module in model.named_modules():
+        if any(part.startswith("ladder_") for part in name.split(".")):
+            continue  # an attached side network's own blocks are not the backbone
         if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers:
             decoder_name = name.rpartition(".")[0]
             decoder = model.get_submodule(decoder_name) if decoder_name else model

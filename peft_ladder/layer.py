@@ -1,24 +1,26 @@
-"""PEFT tuner layers: a no-grad tap around every decoder layer, and the fusion point at the final norm.
+"""PEFT tuner layers: a tap around every decoder layer, the fusion point at the final norm, and the no-grad guard.
 
 ```
+ decoder (BackboneGuard: autograd off from the embeddings to the final norm's input)
  embed -> [tap 0: layer 0] -> ... -> [tap L-1: layer L-1] -> [fusion: h_L + up(side) -> final norm] -> head
-              |  no grad                    |  no grad             ^
-              +-- project --> TapBuffer <---+-- project            |  side network (runs with grad)
+              |                           |                       ^
+              +-- project --> TapBuffer <-+-- project             |  side network (caller's grad mode)
 ```
 
-Every decoder layer is wrapped, connected or not, because the whole stack must run without grad. The side network
-of each adapter lives in the fusion layer (`ladder_side`); the taps reach it through a `TapBuffer` shared by all
-layers of one model, which also carries the attention inputs (mask, rotary, cache) the side blocks reuse.
+The side network of each adapter lives in the fusion layer (`ladder_side`); the taps reach it through a `TapBuffer`
+shared by all layers of one model, which also carries the attention inputs (mask, rotary, cache) the side blocks reuse.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.utils import output_capturing
 
 from .cache import reserve_side_slots
 from .side_network import LadderSideNetwork
@@ -34,6 +36,7 @@ class TapBuffer:
 
     def __init__(self) -> None:
         self.fusion: list[LadderFusionLayer] = []  # a list, so the fusion layer is not registered twice
+        self.grad_enabled = True  # the caller's grad mode, which the side path runs in
         self.clear()
 
     def clear(self) -> None:
@@ -43,6 +46,49 @@ class TapBuffer:
 
     def active_side(self) -> Optional[LadderSideNetwork]:
         return self.fusion[0].active_side() if self.fusion else None
+
+    def side_grad(self) -> torch.autograd.grad_mode.set_grad_enabled:
+        """Context in which trainable side computations run: the caller's grad mode, not the backbone's."""
+        return torch.set_grad_enabled(self.grad_enabled)
+
+
+class BackboneGuard:
+    """Runs the frozen decoder, from the embeddings to the final norm's input, with autograd off.
+
+    Active while a Ladder adapter is; the fusion layer `release`s it, so the side path, the norm and whatever the
+    decoder does after it (e.g. GPT-2's reshape) run in the caller's grad mode.
+
+    Frozen weights alone are not enough: `enable_input_require_grads()` (gradient checkpointing, k-bit preparation)
+    makes the embedding output require grad, and every backbone activation would then be saved for backward.
+    """
+
+    def __init__(self, decoder: nn.Module, buffer: TapBuffer) -> None:
+        self.buffer = buffer
+        self._switched = False
+        self.handles = [
+            decoder.register_forward_pre_hook(self._enter),
+            decoder.register_forward_hook(self._exit, always_call=True),  # restores grad mode even on error
+        ]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.buffer.clear()
+        self.buffer.grad_enabled = torch.is_grad_enabled()
+        self._switched = self.buffer.active_side() is not None and self.buffer.grad_enabled
+        if self._switched:
+            torch.set_grad_enabled(False)
+
+    def release(self) -> None:
+        if self._switched:
+            torch.set_grad_enabled(True)
+            self._switched = False
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.release()  # also when the forward raised before reaching the fusion point
+        self.buffer.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class LadderLayer(BaseTunerLayer):
@@ -95,16 +141,16 @@ class LadderTapLayer(nn.Module, LadderLayer):
         if self.disable_adapters or side is None:
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        if self.layer_index == 0:
-            self.buffer.clear()  # a new forward pass starts here
         if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
             warnings.warn(GC_WARNING, stacklevel=2)
-        if side.reads(self.layer_index):
-            self.buffer.taps[self.layer_index] = side.project(self.layer_index, hidden_states)
-        output = run_frozen(self.base_layer, hidden_states, *args, **kwargs)
-        if side.reads(self.layer_index + 1):
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            self.buffer.taps[self.layer_index + 1] = side.project(self.layer_index + 1, hidden_out)
+        taps, index = self.buffer.taps, self.layer_index
+        if side.reads(index):
+            with self.buffer.side_grad():
+                taps[index] = side.project(index, hidden_states)
+        output = self.base_layer(hidden_states, *args, **kwargs)  # frozen: runs under the BackboneGuard's no_grad
+        if side.reads(index + 1):
+            with self.buffer.side_grad():
+                taps[index + 1] = side.project(index + 1, output[0] if isinstance(output, tuple) else output)
         if self.is_reference:
             self.buffer.block_args, self.buffer.block_kwargs = args, kwargs
         return output
@@ -113,33 +159,24 @@ class LadderTapLayer(nn.Module, LadderLayer):
         return "ladder_tap." + super().__repr__()
 
 
-def run_frozen(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Run a frozen backbone layer with autograd off.
-
-    Frozen weights alone are not enough: `enable_input_require_grads()` (gradient checkpointing, k-bit preparation)
-    makes the embedding output require grad, and every backbone activation would then be saved for backward.
-    """
-    with torch.no_grad():
-        return layer(*args, **kwargs)
-
-
 class LadderFusionLayer(nn.Module, LadderLayer):
     """Wraps the final norm: adds the active adapter's side output to the last decoder layer's output, then norms."""
 
     adapter_layer_names = ("ladder_side",)
 
-    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, side_config) -> None:
+    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, side_config, decoder: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.buffer = buffer
         buffer.fusion[:] = [self]
+        self.guard = BackboneGuard(decoder, buffer)  # the final norm's parent is the decoder
         self.side_config = side_config
         self.ladder_side = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, side: LadderSideNetwork) -> None:
-        self.ladder_side[adapter_name] = side
+        self.ladder_side[adapter_name] = side.train(self.base_layer.training)  # follow the model's mode (dropout)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -149,6 +186,7 @@ class LadderFusionLayer(nn.Module, LadderLayer):
         return self.ladder_side[self.active_adapters[0]] if self.active_adapters[0] in self.ladder_side else None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.guard.release()  # the frozen backbone ends here
         side = self.active_side()
         buffer = self.buffer
         if side is None or not buffer.taps:
@@ -163,11 +201,30 @@ class LadderFusionLayer(nn.Module, LadderLayer):
             out = block(side_hidden, *block_args, **block_kwargs)
             return out[0] if isinstance(out, tuple) else out
 
-        side_out = side(taps, run_block)  # (B, T, d)
+        with _not_recorded():
+            side_out = side(taps, run_block)  # (B, T, d)
         return self.base_layer(hidden_states + side_out.to(hidden_states.dtype), *args, **kwargs)
 
     def __repr__(self) -> str:
         return "ladder_fusion." + super().__repr__()
+
+
+@contextmanager
+def _not_recorded() -> Iterator[None]:
+    """Keep the side blocks out of `output_hidden_states` / `output_attentions`.
+
+    transformers records those with hooks on every module of the decoder-layer class, and the side blocks share that
+    class; pausing its (private) collector for the side pass keeps the backbone's outputs exactly as without Ladder.
+    """
+    collector = getattr(output_capturing, "_active_collector", None)
+    if collector is None:
+        yield
+        return
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 def _find_cache(args: tuple, kwargs: dict):

@@ -26,9 +26,10 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ._registration import LADDER_PREFIX
-from .backbone import Backbone, find_backbone, reference_layer_index, side_config
+from .backbone import Backbone, base_module, find_backbone, reference_layer_index, side_config
 from .config import LadderConfig
 from .connections import resolve_plan
+from .hub import MODEL_TAGS
 from .layer import LadderFusionLayer, LadderLayer, LadderTapLayer, TapBuffer
 from .side_network import LadderSideNetwork
 
@@ -87,11 +88,11 @@ class LadderModel(BaseTuner):
             target.ladder_taps[adapter_name] = tuple(i for i in (layer_index, layer_index + 1) if i in plan.tap_indices)
             return
         config = side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
-        block_cls = type(self.model.get_submodule(backbone.layer_names[0]).get_base_layer())
+        block_cls = type(base_module(self.model.get_submodule(backbone.layer_names[0])))
         side = LadderSideNetwork(plan, backbone.hidden_size, config, block_cls, peft_config.gate,
                                  peft_config.gate_temperature, peft_config.init_weights)
         if not isinstance(target, LadderFusionLayer):
-            target = self._swap(parent, target_name, LadderFusionLayer(target, self._buffer(), config))
+            target = self._swap(parent, target_name, LadderFusionLayer(target, self._buffer(), config, parent))
         target.update_layer(adapter_name, side)
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
@@ -109,6 +110,11 @@ class LadderModel(BaseTuner):
         # Ladder wraps whole decoder layers and the norm; there is no `.weight` to rebind as LoRA does.
         setattr(parent, child_name, new_module)
 
+    def _post_injection_hook(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> None:
+        # PEFT's model card lists the base model's tags: mark the adapter as a Ladder one on the Hub.
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(list(MODEL_TAGS))
+
     # --- what PEFT may and may not do ---------------------------------------------------------------------------------
 
     def _check_merge_allowed(self) -> None:
@@ -117,6 +123,15 @@ class LadderModel(BaseTuner):
             "backbone's hidden states, not a weight delta. Use `model.unload()` to get the plain base model back, or "
             "keep the adapter attached for inference."
         )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        for module in self.model.modules():
+            if isinstance(module, LadderFusionLayer):
+                module.guard.remove()
+        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
