@@ -207,4 +207,5 @@ def test_wrapped_layers_are_peft_tuner_layers():
     model = ladder(tiny_causal_lm("qwen3"))
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     assert len(layers) == 5
-    assert model.base_model.model.model.layers[0].attention_type == "full_attention"  # delegated to the base layer
+    tap = model.base_model.model.model.layers[0]
+    assert tap.self_attn is tap.base_layer.self_attn  # models read attributes off the layers: delegated
