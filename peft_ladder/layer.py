@@ -91,7 +91,7 @@ class BackboneGuard:
             handle.remove()
 
 
-class LadderLayer(BaseTunerLayer):
+class LadderLayer(nn.Module, BaseTunerLayer):
     """Common base of Ladder's tuner layers, so PEFT's adapter switching reaches both kinds."""
 
     def __getattr__(self, name: str) -> Any:
@@ -113,7 +113,7 @@ class LadderLayer(BaseTunerLayer):
         raise NotImplementedError("Ladder adapters are never merged, so there is nothing to unmerge.")
 
 
-class LadderTapLayer(nn.Module, LadderLayer):
+class LadderTapLayer(LadderLayer):
     """Runs one frozen decoder layer without grad and hands the hidden states the side network reads to it."""
 
     other_param_names = ("ladder_taps",)
@@ -159,7 +159,7 @@ class LadderTapLayer(nn.Module, LadderLayer):
         return "ladder_tap." + super().__repr__()
 
 
-class LadderFusionLayer(nn.Module, LadderLayer):
+class LadderFusionLayer(LadderLayer):
     """Wraps the final norm: adds the active adapter's side output to the last decoder layer's output, then norms."""
 
     adapter_layer_names = ("ladder_side",)
