@@ -2,13 +2,14 @@
 
 PEFT has no plugin discovery: `PeftModel.from_pretrained` on a saved Ladder adapter in a process that never imported
 peft_ladder fails with a bare `KeyError: 'LADDER'`. The wheel ships `peft_ladder_autoload.pth`, whose one line
-`import _peft_ladder_autoload; _peft_ladder_autoload.install()` runs at interpreter start-up. It puts a finder at the head
-of `sys.meta_path` that waits for the first `import peft`, lets that import run normally, and only after the top-level
-`peft` module has finished executing imports `peft_ladder` (which registers LADDER and imports peft submodules itself).
+`import _peft_ladder_autoload; _peft_ladder_autoload.install()` runs at interpreter start-up. `install()` puts a
+finder at the head of `sys.meta_path` that waits for the first `import peft`, lets that import run normally, and only
+after the top-level `peft` module has finished executing imports `peft_ladder` (which registers LADDER and imports
+peft submodules itself).
 
-This file is shipped twice: as `peft_ladder/_autoload.py` and, for the `.pth`, as the top-level module
-`_peft_ladder_autoload` (importing `peft_ladder._autoload` would run `peft_ladder/__init__.py`, i.e. import torch and
-peft in every Python process). An editable install holds a copy of the latter: reinstall after editing this file.
+The wheel ships this file as the top-level module `_peft_ladder_autoload` (pyproject.toml, `force-include`), not
+inside the package: importing `peft_ladder._autoload` would run `peft_ladder/__init__.py` first, i.e. import torch
+and peft in every Python process. An editable install holds a copy of it: reinstall after editing this file.
 
 Start-up code must never break Python: nothing here imports torch or peft at start-up, every failure is swallowed
 (at most a warning), and `PEFT_LADDER_NO_AUTOLOAD=1` turns the whole thing off.
@@ -43,7 +44,7 @@ def _register_after_exec(loader) -> None:
     exec_module = loader.exec_module
 
     def exec_then_register(module):
-        del loader.exec_module  # the loader is back to its own class's method before anything else runs
+        loader.exec_module = exec_module  # the loader is back to normal before anything else runs
         exec_module(module)  # `import peft` itself; its errors are the user's errors
         _import_plugin()
 
@@ -64,7 +65,6 @@ def _import_plugin() -> None:
                 f"{error}). Loading Ladder adapters needs an explicit `import peft_ladder`; set "
                 f"{OPT_OUT_VARIABLE}=1 to turn this automatic registration off.",
                 RuntimeWarning,
-                stacklevel=2,
             )
         except Exception:  # e.g. `-W error`: a failed plugin must still not break `import peft`
             pass

@@ -52,11 +52,15 @@ def register(config_cls: type, model_cls: type) -> None:
                 f"peft.mapping.{table_name}['LADDER'] is already taken by {current!r}, not peft-ladder's {ours!r}. "
                 "Another package registered a tuner named LADDER; uninstall one of the two."
             )
-    prefix_owner = [key for key, prefix in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if prefix == LADDER_PREFIX]
-    if any(key != peft_type for key in prefix_owner):
+    prefix_owners = [
+        getattr(key, "value", key)
+        for key, prefix in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
+        if prefix == LADDER_PREFIX and key != peft_type
+    ]
+    if prefix_owners:
         raise RuntimeError(
-            f"The parameter prefix {LADDER_PREFIX!r} is already used by PEFT type {prefix_owner[0]!r}; "
-            "peft-ladder cannot share it."
+            f"The parameter prefix {LADDER_PREFIX!r} is already used by PEFT type {prefix_owners[0]!r}; peft-ladder "
+            "cannot share it (PEFT tells adapters apart by prefix). Uninstall the package that registered that type."
         )
     for table_name, ours in tables.items():
         getattr(mapping, table_name)[peft_type] = ours
