@@ -1,0 +1,82 @@
+"""generate() with the side network's KV cache: the side blocks keep their keys and values in extra slots of the
+backbone's own `DynamicCache`, so every decoding strategy transformers drives stays aligned with the backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers.cache_utils import DynamicCache
+
+from conftest import VOCAB, tiny_causal_lm
+from peft_ladder import LadderConfig
+
+
+def ladder(arch, **kwargs):
+    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False, **kwargs)
+    return get_peft_model(tiny_causal_lm(arch), config).eval()
+
+
+def prompts(seed: int = 0):
+    """Two prompts, the second left-padded by three tokens."""
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, :3] = 0
+    attention_mask[1, :3] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def generate(model, inputs, **kwargs):
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, **kwargs}
+    with torch.no_grad():
+        return model.generate(**inputs, **kwargs)
+
+
+@pytest.mark.parametrize("connections", ["ladder", "xladder"])
+def test_greedy_with_cache_equals_without_cache(arch, connections):
+    model = ladder(arch, connections=connections)
+    inputs = prompts()
+    cached = generate(model, inputs, use_cache=True)
+    assert torch.equal(cached, generate(model, inputs, use_cache=False))
+    with model.disable_adapter():
+        base = generate(model, inputs, use_cache=True)
+    assert not torch.equal(cached, base)  # the random adapter really takes part in generation
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3", "gpt2"])
+def test_beam_search_with_cache_equals_without_cache(arch_name):
+    model = ladder(arch_name, connections="xladder")
+    inputs = prompts(seed=3)
+    cached = generate(model, inputs, num_beams=3, use_cache=True)
+    assert torch.equal(cached, generate(model, inputs, num_beams=3, use_cache=False))
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3", "opt"])
+def test_left_padded_batch_generates_what_each_row_generates_alone(arch_name):
+    model = ladder(arch_name)
+    inputs = prompts(seed=5)
+    together = generate(model, inputs)
+    for row in range(2):
+        keep = inputs["attention_mask"][row].bool()
+        alone = generate(model, {"input_ids": inputs["input_ids"][row, keep][None],
+                                 "attention_mask": inputs["attention_mask"][row, keep][None]})
+        assert torch.equal(together[row, -8:], alone[0, -8:]), row
+
+
+def test_side_blocks_own_extra_slots_in_the_generation_cache():
+    model = ladder("llama", connections="xladder", side_layers=3)
+    inputs = prompts()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache, use_cache=True)
+    assert len(cache.layers) == 4 + 3  # backbone layers, then one slot per side block
+    side_keys = cache.layers[4].keys
+    assert side_keys.shape[-2] == inputs["input_ids"].shape[1]
+    side_heads = model.base_model.model.model.norm.side_config.num_key_value_heads
+    assert side_keys.shape[1] == side_heads
+
+
+def test_a_static_cache_is_refused_with_a_fix():
+    model = ladder("llama")
+    with pytest.raises(NotImplementedError, match="DynamicCache.*cache_implementation"):
+        generate(model, prompts(), cache_implementation="static")
