@@ -81,10 +81,12 @@ def test_transformers_load_adapter_gives_identical_logits(trained):
     assert torch.equal(logits(base), trained.logits)
 
 
-def test_reload_in_a_fresh_process(trained, tmp_path):
+@pytest.mark.parametrize("imports", ["import torch, peft_ladder", "import torch"])
+def test_reload_in_a_fresh_process(trained, tmp_path, imports):
+    # The second case never imports peft_ladder: the start-up hook registers LADDER when peft is imported.
     torch.save(trained.logits, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
-        import torch, peft_ladder
+        {imports}
         from transformers import AutoModelForCausalLM
         from peft import PeftModel
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(trained.base_dir)!r}),
@@ -165,3 +167,26 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkey
     front_matter = card.split("---")[1]
     assert "library_name: peft" in front_matter
     assert "- ladder" in front_matter
+
+
+def test_every_architecture_saves_and_reloads_with_identical_logits(arch, tmp_path):
+    model = get_peft_model(tiny_causal_lm(arch), LadderConfig(task_type="CAUSAL_LM", reduction_factor=4,
+                                                               init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_causal_lm(arch), tmp_path)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_sequence_classification_adapter_saves_the_new_head_and_reloads(tmp_path):
+    from conftest import tiny_seq_cls
+
+    model = get_peft_model(tiny_seq_cls("llama"), LadderConfig(task_type="SEQ_CLS", reduction_factor=4,
+                                                                init_weights=False))
+    with torch.no_grad():  # a trained head differs from the freshly initialised one of the reloaded base
+        model.base_model.model.score.modules_to_save["default"].weight.normal_()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.score.weight" in state
+    assert all(".ladder_side." in k for k in state if k != "base_model.model.score.weight")
+    loaded = PeftModel.from_pretrained(tiny_seq_cls("llama"), tmp_path)
+    assert torch.equal(logits(loaded), logits(model))
