@@ -81,6 +81,31 @@ class LadderConfig(PeftConfig):
             "False: random up-projection (a non-identity adapter, for tests)."
         },
     )
+    # --- backbone quantization (QST; docs/quantization.md) -------------------------------------------------------------
+    quantization: Optional[Literal["4bit", "8bit"]] = field(
+        default=None,
+        metadata={
+            "help": "Quantize the frozen backbone's decoder linear layers in place with bitsandbytes, as "
+            "from_pretrained(..., quantization_config=BitsAndBytesConfig(...)) would: '4bit' (Linear4bit, QLoRA's "
+            "recipe) or '8bit' (Linear8bitLt, the paper's math runs). Embeddings, norms and the LM head stay float; "
+            "the side network trains in float. None: keep the backbone as it is. A model already loaded in 4/8-bit is "
+            "recorded here, so a saved adapter is reloaded on the same backbone. Needs pip install 'peft-ladder[bnb]'."
+        },
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type: 'nf4' (NormalFloat, QLoRA) or 'fp4'. Only for '4bit'."}
+    )
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+        default=None,
+        metadata={
+            "help": "Dtype the 4-bit matmuls run in, as a string (JSON-safe); a torch.dtype is accepted and stored "
+            "as its name. None: the backbone's own float dtype, resolved and saved when the adapter is created."
+        },
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True,
+        metadata={"help": "Also quantize the 4-bit quantization constants (QLoRA's double quantization). Only for '4bit'."},
+    )
     # --- PEFT plumbing ------------------------------------------------------------------------------------------------
     modules_to_save: Optional[list[str]] = field(
         default=None,
@@ -136,6 +161,22 @@ class LadderConfig(PeftConfig):
             raise ValueError(f"gate={self.gate!r} must be 'sum', 'learned' or a float weight in [0, 1], e.g. 0.5.")
         if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
+        self._validate_quantization()
+
+    def _validate_quantization(self) -> None:
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"quantization={self.quantization!r} is unknown; use '4bit', '8bit' or None (no "
+                             "quantization).")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use 'nf4' or 'fp4'.")
+        dtype = self.bnb_4bit_compute_dtype
+        if dtype is not None and not isinstance(dtype, str):
+            dtype = self.bnb_4bit_compute_dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"bnb_4bit_compute_dtype={dtype!r} is not a float dtype bitsandbytes computes in; use "
+                             "'float32', 'bfloat16', 'float16' or None (the backbone's dtype).")
+        if not isinstance(self.bnb_4bit_use_double_quant, bool):
+            raise ValueError(f"bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} must be True or False.")
 
 
 __all__ = ["LadderConfig", "PRESETS"]

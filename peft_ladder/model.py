@@ -31,6 +31,7 @@ from .config import LadderConfig
 from .connections import resolve_plan
 from .hub import MODEL_TAGS
 from .layer import LadderFusionLayer, LadderLayer, LadderTapLayer, TapBuffer
+from .quantization import prepare_backbone
 from .side_network import LadderSideNetwork
 
 _ADAPTER_KEY = r"((?:^|\.)" + LADDER_PREFIX + r"[^.]*)\.{adapter}(?=\.|$)"
@@ -64,6 +65,7 @@ class LadderModel(BaseTuner):
         backbone = self._backbone()
         plan = resolve_plan(peft_config.connections, backbone.num_layers, peft_config.side_layers, peft_config.xladder_depth)
         side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
+        prepare_backbone(self.model, peft_config)  # quantize as configured, or record the backbone's quantization
         self.__dict__["_ladder_targets"] = {name: i for i, name in enumerate(backbone.layer_names)}
         self.__dict__["_ladder_targets"][backbone.norm_name] = None
         return peft_config
