@@ -106,6 +106,17 @@ class LadderConfig(PeftConfig):
         default=True,
         metadata={"help": "Also quantize the 4-bit quantization constants (QLoRA's double quantization). Only for '4bit'."},
     )
+    # --- training memory (docs/benchmarks.md) -----------------------------------------------------------------------
+    loss_chunk_size: Optional[int] = field(
+        default=256,
+        metadata={
+            "help": "Causal-LM training with labels computes the loss over chunks of this many tokens without building "
+            "the full (tokens x vocab) logits, the largest activation left once the backbone is out of the backward "
+            "pass; same loss and gradients as transformers' loss. The output's `logits` is then None "
+            "(LadderChunkedLossOutput). Evaluation (no grad), calls without labels and TRL's fused LM head are "
+            "unchanged. None: always use the model's own loss and logits."
+        },
+    )
     # --- PEFT plumbing ------------------------------------------------------------------------------------------------
     modules_to_save: Optional[list[str]] = field(
         default=None,
@@ -161,6 +172,11 @@ class LadderConfig(PeftConfig):
             raise ValueError(f"gate={self.gate!r} must be 'sum', 'learned' or a float weight in [0, 1], e.g. 0.5.")
         if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
+        if self.loss_chunk_size is not None and (
+            isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1
+        ):
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of tokens (e.g. 256) "
+                             "or None (the model's own loss, with logits).")
         self._validate_quantization()
 
     def _validate_quantization(self) -> None:

@@ -31,6 +31,7 @@ from .config import LadderConfig
 from .connections import resolve_plan
 from .hub import MODEL_TAGS
 from .layer import LadderFusionLayer, LadderLayer, LadderTapLayer, TapBuffer
+from .loss import chunked_causal_lm_forward, chunking_blocker
 from .quantization import prepare_backbone
 from .side_network import LadderSideNetwork
 
@@ -116,6 +117,22 @@ class LadderModel(BaseTuner):
         # PEFT's model card lists the base model's tags: mark the adapter as a Ladder one on the Hub.
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
+
+    # --- the training loss ------------------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        # Training with labels: the loss over token chunks without the full logits (LadderConfig.loss_chunk_size,
+        # loss.py), the same loss and gradients. Anything else, or a model whose loss the chunks would not reproduce,
+        # runs the model's own forward unchanged.
+        chunk_size = self._loss_chunk_size()
+        if chunk_size is None or chunking_blocker(self.model, kwargs) is not None:
+            return self.model.forward(*args, **kwargs)
+        return chunked_causal_lm_forward(self.model, chunk_size, *args, **kwargs)
+
+    def _loss_chunk_size(self) -> Optional[int]:
+        if self._buffer().active_side() is None:
+            return None  # adapter disabled: the plain base model, logits included
+        return getattr(self.peft_config.get(self.active_adapters[0]), "loss_chunk_size", None)
 
     # --- what PEFT may and may not do ---------------------------------------------------------------------------------
 
