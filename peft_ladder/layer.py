@@ -164,13 +164,12 @@ class LadderFusionLayer(LadderLayer):
 
     adapter_layer_names = ("ladder_side",)
 
-    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, side_config, decoder: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, decoder: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.buffer = buffer
         buffer.fusion[:] = [self]
         self.guard = BackboneGuard(decoder, buffer)  # the final norm's parent is the decoder
-        self.side_config = side_config
         self.ladder_side = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
@@ -195,7 +194,7 @@ class LadderFusionLayer(LadderLayer):
         taps, block_args, block_kwargs = buffer.taps, buffer.block_args, buffer.block_kwargs
         buffer.clear()  # keep nothing alive between steps
         block_args, block_kwargs = _cast_floats((block_args or (), block_kwargs or {}), side.dtype)
-        reserve_side_slots(_find_cache(block_args, block_kwargs), self.side_config)
+        reserve_side_slots(_find_cache(block_args, block_kwargs), side.side_config)  # each adapter its own depth
 
         def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
             out = block(side_hidden, *block_args, **block_kwargs)

@@ -95,7 +95,7 @@ class LadderModel(BaseTuner):
         side = LadderSideNetwork(plan, backbone.hidden_size, config, block_cls, peft_config.gate,
                                  peft_config.gate_temperature, peft_config.init_weights)
         if not isinstance(target, LadderFusionLayer):
-            target = self._swap(parent, target_name, LadderFusionLayer(target, self._buffer(), config, parent))
+            target = self._swap(parent, target_name, LadderFusionLayer(target, self._buffer(), parent))
         target.update_layer(adapter_name, side)
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:

@@ -38,6 +38,7 @@ class LadderSideNetwork(nn.Module):
         super().__init__()
         side_width = int(side_config.hidden_size)
         self.plan = plan
+        self.side_config = side_config  # its layer count sizes the generation cache (cache.py)
         self.gate_mode = gate
         self.gate_temperature = float(gate_temperature)
         # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).

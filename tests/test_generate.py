@@ -72,7 +72,7 @@ def test_side_blocks_own_extra_slots_in_the_generation_cache():
     assert len(cache.layers) == 4 + 3  # backbone layers, then one slot per side block
     side_keys = cache.layers[4].keys
     assert side_keys.shape[-2] == inputs["input_ids"].shape[1]
-    side_heads = model.base_model.model.model.norm.side_config.num_key_value_heads
+    side_heads = model.base_model.model.model.norm.ladder_side["default"].side_config.num_key_value_heads
     assert side_keys.shape[1] == side_heads
 
 
@@ -80,3 +80,14 @@ def test_a_static_cache_is_refused_with_a_fix():
     model = ladder("llama")
     with pytest.raises(NotImplementedError, match="DynamicCache.*cache_implementation"):
         generate(model, prompts(), cache_implementation="static")
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
+def test_adapters_of_different_depths_each_generate_with_their_own_cache_slots(arch_name):
+    model = ladder(arch_name, connections="xladder", side_layers=2)
+    model.add_adapter("deep", LadderConfig(task_type="CAUSAL_LM", reduction_factor=2, side_layers=6,
+                                           init_weights=False))
+    inputs = prompts()
+    for adapter in ("default", "deep", "default"):
+        model.set_adapter(adapter)
+        assert torch.equal(generate(model, inputs, use_cache=True), generate(model, inputs, use_cache=False))
