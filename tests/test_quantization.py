@@ -206,12 +206,13 @@ def test_adapter_reloaded_on_a_full_precision_base_runs_on_the_same_quantization
     assert getattr(loaded.get_base_model(), f"is_loaded_in_{kind}") is True
     assert sum(isinstance(m, QLINEAR[kind]) for m in loaded.modules()) == sum(
         isinstance(m, QLINEAR[kind]) for m in model.modules())
-    # bitsandbytes' CPU path repacks 4-bit weights on use and back in state_dict(): equal up to that (FINDINGS).
-    torch.testing.assert_close(logits(loaded), before, atol=5e-2, rtol=0)
+    # Exactly the logits taken before saving. (Not the saved model's own later logits: on AVX512-BF16 CPUs its
+    # state_dict() unpacks bnb's CPU-repacked 4-bit weights and shifts its outputs by ~1e-3, see FINDINGS.)
+    assert torch.equal(logits(loaded), before)
     # ... and on a base loaded in the same quantization, with the adapter's numbers exactly.
     again = PeftModel.from_pretrained(load(saved["llama"], kind, **({} if kind == "8bit" else dict(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))), tmp_path)
-    torch.testing.assert_close(logits(again), before, atol=5e-2, rtol=0)
+    assert torch.equal(logits(again), before)
 
 
 def test_a_base_quantized_differently_is_refused_with_the_way_to_choose(saved, tmp_path):
