@@ -37,6 +37,7 @@ class TapBuffer:
     def __init__(self) -> None:
         self.fusion: list[LadderFusionLayer] = []  # a list, so the fusion layer is not registered twice
         self.grad_enabled = True  # the caller's grad mode, which the side path runs in
+        self.warned_checkpointing = False  # GC_WARNING is given once per model, not once per layer and step
         self.clear()
 
     def clear(self) -> None:
@@ -141,7 +142,9 @@ class LadderTapLayer(LadderLayer):
         if self.disable_adapters or side is None:
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
+        checkpointed = getattr(self.base_layer, "gradient_checkpointing", False)
+        if self.training and checkpointed and not self.buffer.warned_checkpointing:
+            self.buffer.warned_checkpointing = True
             warnings.warn(GC_WARNING, stacklevel=2)
         taps, index = self.buffer.taps, self.layer_index
         if side.reads(index):
