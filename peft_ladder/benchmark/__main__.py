@@ -1,0 +1,105 @@
+"""`python -m peft_ladder.benchmark`: train the same model on the same batches with each method and compare.
+
+Example (CPU, a few minutes):
+
+    python -m peft_ladder.benchmark --model small --seq-lens 256,512,1024,2048 --out benchmarks/results/small-cpu
+
+Writes `results.json` (environment, arguments, every measurement), `results.md` (the table) and `results.png`
+(peak memory and step time against sequence length) into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .methods import DEFAULT_METHODS, METHODS
+from .report import markdown_table, plot
+from .runner import PRESETS, environment, prepare_checkpoint, run_in_subprocess, run_method
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m peft_ladder.benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small",
+                        help=f"a preset ({', '.join(PRESETS)}; random weights), a config.json (random weights) or "
+                             "a local model directory / Hub id (its weights). Default: small.")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated methods (see --list-methods). Default: all but xladder-4bit.")
+    parser.add_argument("--list-methods", action="store_true", help="print the methods and exit")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1], help="comma-separated, default 1")
+    parser.add_argument("--seq-lens", type=_ints, default=[256, 512, 1024, 2048], help="comma-separated")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per shape, after one warm-up step and "
+                        "before the memory-measured step. Default 2.")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="weights / compute dtype (also the 4-bit compute dtype). Default bfloat16.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU). Default 1: CPU time "
+                        "then tracks FLOPs even on shared cores.")
+    parser.add_argument("--jobs", type=int, default=1, help="methods run at once (CPU only; each in its own process)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, the same for every method")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per method before it is reported failed")
+    parser.add_argument("--out", default=None, help="output directory. Default: benchmarks/results/<model>-<device>")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method spec
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    if args.jobs > 1 and args.device.startswith("cuda"):
+        parser.error("--jobs > 1 would let methods share one GPU and its memory counters; use --jobs 1 on CUDA")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        with open(args.worker) as handle:
+            print(json.dumps(run_method(json.load(handle))))
+        return 0
+    if args.list_methods:
+        for name, method in METHODS.items():
+            print(f"{name:22s} {method.help}")
+        return 0
+    out = args.out or os.path.join("benchmarks", "results", f"{os.path.basename(args.model.rstrip('/'))}-{args.device}")
+    os.makedirs(out, exist_ok=True)
+    shapes = [(b, t) for b in args.batch_sizes for t in sorted(args.seq_lens)]
+    with tempfile.TemporaryDirectory() as workdir:
+        model_dir = prepare_checkpoint(args.model, workdir, args.seed)
+        base = {"model_dir": model_dir, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+                "seed": args.seed, "lr": args.lr, "steps": args.steps, "shapes": shapes}
+        methods = args.methods.split(",")
+
+        def one(name: str) -> dict:
+            record = run_in_subprocess({**base, "method": name}, args.timeout)
+            print(f"  {name}: {'failed' if record.get('error') else 'done'}", file=sys.stderr, flush=True)
+            return record
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            records = list(pool.map(one, methods))
+    results = {"environment": environment(torch.device(args.device)),
+               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "list_methods")},
+               "command": "python -m peft_ladder.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+               "methods": records}
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    table = markdown_table(results)
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(f"`{results['command']}`\n\n{table}\n")
+    plot(results, os.path.join(out, "results.png"))
+    print(table)
+    return 0 if not any(r.get("error") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
