@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft.utils.integrations import skip_init_on_device
 from torch import nn
 
 MIN_BITSANDBYTES = "0.48"
@@ -218,6 +219,7 @@ def _check_same(present: dict[str, Any], config) -> None:
 # --- quantizing in place, as from_pretrained(quantization_config=...) would ---------------------------------------
 
 
+@skip_init_on_device  # PeftModel.from_pretrained(low_cpu_mem_usage=True) would otherwise put the new weights on meta
 def quantize_in_place(model: nn.Module, fields: dict[str, Any]) -> None:
     """Quantize `model`'s linear layers with transformers' bitsandbytes quantizer; on any error, undo everything."""
     from transformers import PreTrainedModel

@@ -215,6 +215,19 @@ def test_adapter_reloaded_on_a_full_precision_base_runs_on_the_same_quantization
     assert torch.equal(logits(again), before)
 
 
+def test_low_cpu_mem_usage_and_transformers_load_adapter_quantize_a_full_precision_base_too(saved, tmp_path):
+    model = ladder(load(saved["llama"]), quantization="4bit", init_weights=False)
+    before = logits(model)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", q.LadderQuantizationWarning)
+        lean = PeftModel.from_pretrained(load(saved["llama"]), tmp_path, low_cpu_mem_usage=True)  # meta init context
+        native = load(saved["llama"])
+        native.load_adapter(str(tmp_path))
+    assert torch.equal(logits(lean), before) and torch.equal(logits(native), before)
+    assert native.is_loaded_in_4bit and not any(p.device.type == "meta" for p in lean.parameters())
+
+
 def test_a_base_quantized_differently_is_refused_with_the_way_to_choose(saved, tmp_path):
     ladder(load(saved["llama"]), quantization="4bit", init_weights=False).save_pretrained(tmp_path)
     base = load(saved["llama"], "8bit")
