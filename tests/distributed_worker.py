@@ -9,8 +9,10 @@ Every engine trains the same tiny Ladder model on the same rows with the same *g
 `global_batch / world_size` rows per step. After every optimizer step the ranks all-gather their side weights and
 record whether they are identical. Rank 0 writes the per-step record and the final side weights to `--out`.
 
-Engines: `trainer` is transformers' `Trainer` (DDP under torchrun or accelerate, gloo on CPU); `fsdp2` is a plain
-loop over PyTorch's `fully_shard` (FSDP2): every frozen decoder layer its own unit, the side network in the root unit.
+Engines: `trainer` is transformers' `Trainer` with gradient checkpointing (DDP under torchrun or accelerate, gloo on
+CPU; `use_cpu=True` is what makes it distributed there, without it each rank trains alone); `fsdp2` is a plain
+loop over PyTorch's `fully_shard` (FSDP2): every frozen decoder layer, every down-projection and every side block its
+own unit, the rest (embeddings, head, the side network's up-projection) in the root unit.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def run_trainer(output_dir: str) -> dict:
         output_dir=output_dir, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
         learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
         seed=0, disable_tqdm=True, use_cpu=True, ddp_backend="gloo" if world > 1 else None,
+        activation_checkpointing=True,  # TRL's default; for Ladder it checkpoints the side blocks only
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), callbacks=[RankCheck()])
     trainer.train()
@@ -106,15 +109,20 @@ def run_fsdp2() -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from peft_ladder.layer import LadderTapLayer
+    from peft_ladder.layer import LadderFusionLayer, LadderTapLayer
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model().train()
+    side = next(m for m in model.modules() if isinstance(m, LadderFusionLayer)).ladder_side["default"]
     for module in model.modules():
         if isinstance(module, LadderTapLayer):
             fully_shard(module.base_layer)  # a frozen decoder layer: its own unit, sharded between ranks
-    fully_shard(model)  # root unit: embeddings, norm, head and the whole side network
+    # Side units must be modules whose own forward uses their weights: each down-projection (called at its tap) and
+    # each side block. `fully_shard(side)` as one unit fails: the taps call `side.down[...]` before `side.forward`.
+    for module in (*side.down.values(), *side.blocks):
+        fully_shard(module)
+    fully_shard(model)  # root unit: embeddings, norm, head, the side network's final norm and up-projection
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     data = rows()
     record = {"rank_diffs": [], "losses": [], "world_size": world, "distributed_type": "FSDP2", "wrapped": "FSDPModule"}
@@ -136,6 +144,7 @@ def run_fsdp2() -> dict:
     record["side"] = side_state(model)
     record["backbone_local_fraction"] = _local_fraction(
         [p for m in model.modules() if isinstance(m, LadderTapLayer) for p in m.base_layer.parameters()])
+    record["side_blocks_local_fraction"] = _local_fraction([p for b in side.blocks for p in b.parameters()])
     return record
 
 

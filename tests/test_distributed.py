@@ -83,5 +83,6 @@ def test_accelerate_launch_ddp_trainer_matches_one_process_with_the_global_batch
 def test_fsdp2_sharded_backbone_matches_one_process_with_the_global_batch(tmp_path):
     run = launch(torchrun(), "fsdp2", tmp_path)
     assert run["backbone_local_fraction"] == pytest.approx(0.5, abs=0.05)  # the frozen layers really are sharded
+    assert run["side_blocks_local_fraction"] == pytest.approx(0.5, abs=0.05)  # and so are the side blocks
     torch.manual_seed(0)
     assert_same_run(run, worker.run_single_loop())
