@@ -54,6 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += (lse - logits.gather(1, target)).squeeze(1)[valid].sum()
             if not (need_hidden or need_weight or need_bias):
+                del logits
                 continue
             grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V) fp32
             grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
@@ -68,6 +69,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.add_(grad.t().float() @ h.float())
             if need_bias:
                 grad_bias.add_(grad.float().sum(0))
+            del grad, logits  # free this chunk before the next one is built: the peak holds one chunk, not two
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total / denominator

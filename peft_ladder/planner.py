@@ -1,0 +1,304 @@
+"""Memory planner: peak training memory of a method from a model config alone (no weights), in the paper's terms.
+
+Peak = M1 weights + M2 optimizer state (+ gradients and the optimizer's scratch) + M3 activations saved for backward
++ the loss over the logits (tokens x vocab), as the paper's Figure 3b splits it. The activation terms count the
+tensors autograd saves per token in transformers' Llama-family decoder layers (Llama, Qwen2/2.5/3, Mistral: gated MLP,
+RMSNorm, rotary, grouped-query attention) with flash / memory-efficient SDPA (no sequence x sequence term), PEFT's
+LoRA (adapters in fp32, inputs cast to fp32) and this package's side network; they were checked tensor by tensor
+against `peft_ladder.memory.SavedTensorCounter` and the whole prediction against `python -m peft_ladder.benchmark`
+(docs/benchmarks.md states the error). Not modelled: allocator rounding and fragmentation (CUDA reserves more than it
+allocates), CUDA context / cuBLAS workspaces (about 0.5-1 GiB), kernels' internal scratch.
+
+    python -m peft_ladder.planner --config benchmarks/configs/qwen2.5-7b.json --seq-len 2048 --fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .benchmark.methods import DEFAULT_METHODS, LORA_R, METHODS, Method
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZERS = ("adamw", "adamw8bit")
+CARDS_GB = (8, 12, 24, 48, 80)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder config the memory depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "Shape":
+        if isinstance(config, str):
+            with open(config) as handle:
+                config = json.load(handle)
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        if get("text_config") is not None:
+            return cls.from_config(get("text_config"))
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        return cls(hidden=hidden, layers=int(get("num_hidden_layers")), heads=heads,
+                   kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(get("head_dim") or hidden // heads),
+                   intermediate=int(get("intermediate_size")), vocab=int(get("vocab_size")),
+                   tied=bool(get("tie_word_embeddings", False)),
+                   qkv_bias=bool(get("attention_bias", False)) or get("model_type") == "qwen2")
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        d, i = self.hidden, self.intermediate
+        return [(d, self.q), (d, self.kv), (d, self.kv), (self.q, d), (d, i), (d, i), (i, d)]
+
+    def side(self, reduction_factor: int) -> "Shape":
+        """The side blocks' shape (backbone.side_config): width d / r, the backbone's head size, MLP width I / r."""
+        width = self.hidden // reduction_factor
+        heads = max(1, width // self.head_dim)
+        return Shape(hidden=width, layers=self.layers, heads=heads, kv_heads=heads, head_dim=self.head_dim,
+                     intermediate=max(1, self.intermediate // reduction_factor), vocab=self.vocab,
+                     qkv_bias=self.qkv_bias)
+
+
+@dataclass
+class Estimate:
+    """Predicted peak training memory in bytes, split as in the paper (M1, M2, M3, logits)."""
+
+    method: str
+    batch_size: int
+    seq_len: int
+    trainable_params: int
+    weights: int  # M1: frozen and trainable weights as stored (4/8-bit, bf16, fp32 adapters)
+    optimizer: int  # M2: optimizer state
+    gradients: int  # of the trainable parameters (and the optimizer step's scratch when it is the peak)
+    activations: int  # M3: saved for backward
+    logits: int  # the loss over the vocabulary: transformers' loss, or one chunk with the chunked loss
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.gradients + self.activations + self.logits
+
+    def gib(self) -> dict:
+        parts = ("weights", "optimizer", "gradients", "activations", "logits", "total")
+        return {name: round(getattr(self, name) / GIB, 2) for name in parts}
+
+
+def _linear_params(shape: Shape) -> int:
+    return sum(i * o for i, o in shape.linear_shapes()) + (shape.q + 2 * shape.kv if shape.qkv_bias else 0)
+
+
+def _quantized_bytes(params: int, rows: int, kind: Optional[str], dtype_bytes: int) -> float:
+    if kind == "4bit":  # nf4 + double quantization: uint8 absmax per 64 values, fp32 per 256 blocks
+        return params * (0.5 + 1 / 64 + 4 / (64 * 256))
+    if kind == "8bit":  # int8 + one fp32 scale per output row
+        return params + 4 * rows
+    return params * dtype_bytes
+
+
+def _side_params(shape: Shape, method: Method, reduction_factor: int) -> tuple[int, int]:
+    """(trainable side parameters, frozen down-projection parameters)."""
+    side = shape.side(reduction_factor)
+    d, ds = shape.hidden, side.hidden
+    taps = shape.layers + 1 if method.connections == "ladder" else shape.layers // 2 + 1
+    down = taps * (d * ds + ds)
+    block = _linear_params(side) + 2 * ds
+    trainable = shape.layers * block + ds + ds * d + (0 if method.freeze_down else down)
+    return trainable, down if method.freeze_down else 0
+
+
+def _lora_layer_saved(shape: Shape, b: int) -> int:
+    """Bytes per token one LoRA'd decoder layer saves (backbone in `b`-byte floats, adapters in fp32)."""
+    d, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    fp32_inputs = 4 * (3 * d + q + 2 * d + i)  # PEFT casts each adapted layer's input to the adapter dtype
+    lora_mid = 4 * 7 * LORA_R
+    norms = 2 * 4 * d + 8  # RMSNorm keeps its fp32 input (and rsqrt)
+    mlp = 3 * b * i  # gate, up, act(gate)
+    attention = b * (2 * q + 2 * kv) + 4 * shape.heads  # q, k, v, output, logsumexp
+    return fp32_inputs + lora_mid + norms + mlp + attention
+
+
+def _full_layer_saved(shape: Shape, b: int) -> int:
+    """Bytes per token one fully trained decoder layer saves (weights and activations in `b`-byte floats)."""
+    d, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    norms = 2 * (4 * d + b * d + 4)  # fp32 input, normalized output (for the weight's gradient), rsqrt
+    linear_inputs = b * (d + q + d + i)  # qkv input, o input, gate/up input, down input
+    mlp = 3 * b * i
+    attention = b * (2 * q + 2 * kv) + 4 * shape.heads
+    return norms + linear_inputs + mlp + attention
+
+
+def _side_block_saved(side: Shape, s: int) -> int:
+    """Bytes per token one side block saves (side network in `s`-byte floats, everything trainable)."""
+    ds, i = side.hidden, side.intermediate
+    o_input = side.q if side.heads > 1 else 0  # a copy only when heads are interleaved
+    return s * (7 * ds + 4 * i + 2 * side.q + 2 * side.kv + o_input) + 4 * side.heads + 12
+
+
+def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
+             optimizer: str = "adamw", reduction_factor: int = 8, loss_chunk_size: Optional[int] = "method") -> Estimate:
+    """Predict peak training memory of `method` (a `python -m peft_ladder.benchmark` method name) for `config`
+    (a transformers config, a config dict or a config.json path). `loss_chunk_size="method"` uses the method's."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHODS)}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
+    if dtype not in BYTES:
+        raise ValueError(f"dtype={dtype!r} is unknown; choose one of {sorted(BYTES)}.")
+    spec, shape, b = METHODS[method], Shape.from_config(config), BYTES[dtype]
+    chunk = spec.loss_chunk_size if loss_chunk_size == "method" else loss_chunk_size
+    tokens, d, V, L = batch_size * seq_len, shape.hidden, shape.vocab, shape.layers
+    linear = L * _linear_params(shape)
+    rows = L * sum(o for _, o in shape.linear_shapes())
+    other = V * d * (1 if shape.tied else 2) + (2 * L + 1) * d
+    weights = _quantized_bytes(linear, rows, spec.quantization, b) + other * b
+
+    if spec.kind == "full":
+        trainable, param_bytes = linear + other, b
+    elif spec.kind == "lora":
+        trainable, param_bytes = L * sum(LORA_R * (i + o) for i, o in shape.linear_shapes()), 4
+    else:
+        trainable, frozen_down = _side_params(shape, spec, reduction_factor)
+        param_bytes = b if spec.side_in_backbone_dtype else 4
+        weights += frozen_down * param_bytes
+    if spec.kind != "full":
+        weights += trainable * param_bytes
+    state = 2 * trainable * (param_bytes if optimizer == "adamw" else 1 + 8 / 256)
+    grads = trainable * param_bytes
+
+    recompute = 0  # gradient checkpointing: one layer's activations rebuilt during backward, plus gradients in flight
+    if spec.kind == "full":
+        per_token = L * _full_layer_saved(shape, b)
+    elif spec.kind == "lora":
+        layer = _lora_layer_saved(shape, b)
+        per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
+        recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
+    else:
+        side, s = shape.side(reduction_factor), (b if spec.side_in_backbone_dtype else 4)
+        taps = shape.layers + 1 if spec.connections == "ladder" else shape.layers // 2 + 1
+        tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
+        per_token = taps * tap_bytes + L * _side_block_saved(side, s) + 2 * 4 * d
+    activations = tokens * (per_token + 4 * d)  # + the final norm's fp32 input
+    if chunk is None:
+        logits = tokens * V * 12  # bf16 logits, fp32 copy, log-softmax output, its gradient (FINDINGS)
+    else:
+        logits = min(chunk, tokens) * V * 6 + 2 * tokens * d * b  # one chunk (bf16 + fp32) + hidden-state gradients
+    logits = max(logits, recompute)  # with checkpointing, the backward's recompute can peak above the loss
+    if spec.kind == "full":
+        # The gradients do not exist yet when the loss peaks (zero_grad(set_to_none=True)), except the head's; the
+        # optimizer step holds all of them plus AdamW's scratch (one copy of the state).
+        head_grad = V * d * b
+        step_peak = grads + trainable * param_bytes
+        if step_peak > activations + logits + head_grad:
+            activations, logits, grads = 0, 0, step_peak
+        else:
+            grads = head_grad
+    return Estimate(method=method, batch_size=batch_size, seq_len=seq_len, trainable_params=int(trainable),
+                    weights=int(weights), optimizer=int(state), gradients=int(grads), activations=int(activations),
+                    logits=int(logits))
+
+
+def fits(config, cards_gb=CARDS_GB, methods=DEFAULT_METHODS, **kwargs) -> dict[str, dict[int, bool]]:
+    """{method: {card GB: fits}} for each method (see `fits_card`)."""
+    return {method: {gb: fits_card(estimate(config, method, **kwargs), gb) for gb in cards_gb} for method in methods}
+
+
+def fits_card(estimate_: Estimate, gb: int) -> bool:
+    """Whether the estimate fits a `gb` GB card (GiB, as GPUs count), keeping 10% for the CUDA context,
+    cuBLAS workspaces and fragmentation."""
+    return estimate_.total <= 0.9 * gb * GIB
+
+
+def markdown(config, methods=DEFAULT_METHODS, cards_gb=CARDS_GB, **kwargs) -> str:
+    head = "| method | trainable | M1 weights | M2 optimizer | grads | M3 activations | logits | total GiB | " + \
+        " | ".join(f"{gb} GB" for gb in cards_gb) + " |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for method in methods:
+        e = estimate(config, method, **kwargs)
+        g = e.gib()
+        ok = ["yes" if fits_card(e, gb) else "no" for gb in cards_gb]
+        lines.append(f"| {method} | {e.trainable_params / 1e6:.1f}M | {g['weights']} | {g['optimizer']} | "
+                     f"{g['gradients']} | {g['activations']} | {g['logits']} | **{g['total']}** | " + " | ".join(ok) + " |")
+    return "\n".join(lines)
+
+
+def validate(results_path: str) -> list[dict]:
+    """Predicted against measured peak memory for every run of a `python -m peft_ladder.benchmark` results.json."""
+    from .benchmark.runner import model_config
+
+    with open(results_path) as handle:
+        results = json.load(handle)
+    args = results["args"]
+    config = model_config(args["model"])
+    rows = []
+    for record in results["methods"]:
+        if record["method"] not in METHODS:
+            continue
+        for run in record.get("runs", []):
+            if "error" in run:
+                continue
+            e = estimate(config, record["method"], run["batch_size"], run["seq_len"], args["dtype"])
+            rows.append({"method": record["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"],
+                         "predicted_bytes": e.total, "measured_bytes": run["peak_bytes"],
+                         "error": e.total / run["peak_bytes"] - 1})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_ladder.planner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a config.json (a model directory's, or benchmarks/configs/)")
+    parser.add_argument("--validate", metavar="RESULTS_JSON",
+                        help="compare predictions with a benchmark results.json instead (prints the error per run)")
+    parser.add_argument("--method", default=None, help=f"one of {sorted(METHODS)}; default: all benchmark methods")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--reduction-factor", type=int, default=8, help="Ladder's r (LadderConfig.reduction_factor)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = parser.parse_args(argv)
+    if args.validate:
+        rows = validate(args.validate)
+        print("| method | batch | seq | predicted MiB | measured MiB | error |\n| --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| {row['method']} | {row['batch_size']} | {row['seq_len']} | {row['predicted_bytes'] / 2**20:.1f} | "
+                  f"{row['measured_bytes'] / 2**20:.1f} | {row['error']:+.1%} |")
+        worst = max(rows, key=lambda row: abs(row["error"]))
+        print(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%}, worst {worst['error']:+.1%} "
+              f"({worst['method']}, seq {worst['seq_len']})")
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --validate RESULTS_JSON)")
+    config = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+    methods = [args.method] if args.method else list(DEFAULT_METHODS)
+    kwargs = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
+                  reduction_factor=args.reduction_factor)
+    if args.json:
+        print(json.dumps([{**asdict(estimate(config, m, **kwargs)), "gib": estimate(config, m, **kwargs).gib()}
+                          for m in methods], indent=1))
+    else:
+        print(markdown(config, methods, **kwargs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
