@@ -27,7 +27,9 @@ from .side_network import LadderSideNetwork
 
 GC_WARNING = (
     "Gradient checkpointing has no effect on Ladder's frozen backbone: it already runs without grad and keeps no "
-    "activations for backward. Only the side blocks are checkpointed (less memory, more compute)."
+    "activations for backward. Checkpointing enabled after the adapter was attached (as Trainer and TRL do) also "
+    "checkpoints the side blocks: less memory, more compute. Set gradient_checkpointing=False (TRL's SFTConfig "
+    "turns it on by default) to avoid that recompute."
 )
 
 

@@ -75,7 +75,7 @@ def test_sft_trainer_with_trl_defaults_learns_keeps_the_backbone_out_and_saves_o
     after = trainer.evaluate()["eval_loss"]
 
     assert after < before - 0.05, (before, after)
-    assert probe.calls > 0 and probe.bytes == 0
+    assert probe.calls > 0 and probe.kept == (0, 0)
     assert [str(w.message) for w in records].count(GC_WARNING) == 1
     checkpoint = tmp_path / "run" / "checkpoint-30"
     assert {p.name for p in checkpoint.iterdir()} == {
@@ -109,7 +109,7 @@ def test_dpo_reference_pass_through_disable_adapter(tmp_path):
     assert len(logs) == 3
     assert all(math.isfinite(entry["loss"]) for entry in logs)
     assert abs(logs[0]["rewards/chosen"]) > 1e-4  # policy (Ladder) != reference (adapter disabled)
-    assert probe.calls > 0 and probe.bytes == 0
+    assert probe.calls > 0 and probe.kept == (0, 0)
     with trainer.model.disable_adapter():
         assert torch.equal(eval_logits(trainer.model), eval_logits(tiny_causal_lm("llama")))
 
@@ -136,7 +136,7 @@ def test_qlora_style_4bit_model_trl_casts_the_side_network_to_bf16_and_it_trains
         trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < before - 0.05, (before, after)
-    assert probe.calls > 0 and probe.bytes == 0
+    assert probe.calls > 0 and probe.kept == (0, 0)
     assert side_dtypes(trainer.model) == {torch.bfloat16}
 
 

@@ -58,11 +58,14 @@ def side_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class BackboneSaveProbe:
-    """Bytes autograd saves for backward while a frozen backbone module (embeddings, decoder layer) runs.
+    """What autograd keeps of the frozen backbone (embeddings, decoder layers) during any training loop.
 
-    The Ladder tap calls the side network's down-projections outside the wrapped decoder layer, so anything saved
-    *inside* `tap.base_layer` or the embeddings is backbone memory that Ladder promises not to keep. Works around
-    any training loop: hooks on the modules mark "inside", a saved-tensors hook counts while inside.
+    * `bytes`: bytes saved for backward while a backbone module runs. The Ladder tap calls the side network's
+      down-projections outside the wrapped decoder layer, so anything saved *inside* `tap.base_layer` or the
+      embeddings is backbone memory that Ladder promises not to keep.
+    * `graph_outputs`: backbone module outputs that are part of an autograd graph (have a `grad_fn`). This also
+      catches a backbone under gradient checkpointing, whose own saved-tensor hooks hide its saves from `bytes`.
+    * `calls`: backbone module forwards; a checkpointed backbone in autograd would run again during backward.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -71,6 +74,7 @@ class BackboneSaveProbe:
         self.bytes = 0
         self.saves = 0
         self.calls = 0
+        self.graph_outputs = 0
         self._depth = 0
         backbone = [m.base_layer for m in model.modules() if isinstance(m, LadderTapLayer)]
         backbone.append(model.get_input_embeddings())
@@ -86,6 +90,14 @@ class BackboneSaveProbe:
 
     def _exit(self, module, args, output) -> None:
         self._depth -= 1
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.grad_fn is not None:
+            self.graph_outputs += 1
+
+    @property
+    def kept(self) -> tuple[int, int]:
+        """(bytes saved, outputs in a graph): (0, 0) when the backbone stayed out of autograd."""
+        return self.bytes, self.graph_outputs
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._depth > 0:
