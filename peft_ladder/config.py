@@ -110,11 +110,11 @@ class LadderConfig(PeftConfig):
     loss_chunk_size: Optional[int] = field(
         default=256,
         metadata={
-            "help": "Causal-LM training with labels computes the loss over chunks of this many tokens without building "
-            "the full (tokens x vocab) logits, the largest activation left once the backbone is out of the backward "
-            "pass; same loss and gradients as transformers' loss. The output's `logits` is then None "
-            "(LadderChunkedLossOutput). Evaluation (no grad), calls without labels and TRL's fused LM head are "
-            "unchanged. None: always use the model's own loss and logits."
+            "help": "Causal-LM training (train mode, grad enabled) with labels computes the loss over chunks of this "
+            "many tokens without building the full (tokens x vocab) logits, the largest activation left once the "
+            "backbone is out of the backward pass; same loss and gradients as transformers' loss. The output's "
+            "`logits` is then None (LadderChunkedLossOutput). Eval mode, no_grad, calls without labels and TRL's "
+            "fused LM head are unchanged. None: always use the model's own loss and logits."
         },
     )
     # --- PEFT plumbing ------------------------------------------------------------------------------------------------

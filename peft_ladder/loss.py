@@ -113,8 +113,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: Optiona
 class LadderChunkedLossOutput(CausalLMOutputWithPast):
     """A causal-LM output whose loss was computed in chunks: `logits` is None because they were never built.
 
-    Returned only when training with labels and `LadderConfig.loss_chunk_size` set. Call the model without `labels`,
-    under `torch.no_grad()`, or with `loss_chunk_size=None` to get the logits.
+    Returned only when training (train mode, grad enabled) with labels and `LadderConfig.loss_chunk_size` set. Call
+    the model in eval mode, under `torch.no_grad()`, without `labels`, or with `loss_chunk_size=None` to get logits.
     """
 
     loss_chunk_size: Optional[int] = None
@@ -124,8 +124,8 @@ def chunking_blocker(model: nn.Module, kwargs: dict) -> Optional[str]:
     """Why `model(**kwargs)` cannot use the chunked loss, or None when it can (and gives the same loss)."""
     if kwargs.get("labels") is None:
         return "no labels"
-    if not torch.is_grad_enabled():
-        return "not training (grad disabled): the logits are wanted"
+    if not (model.training and torch.is_grad_enabled()):
+        return "not training (eval mode or grad disabled): the logits are wanted"
     if "fused_lm_head" in kwargs:
         return "TRL's fused LM head computes its own chunked loss"
     if kwargs.get("logits_to_keep", 0) not in (0, None) or kwargs.get("return_dict") is False:

@@ -22,28 +22,43 @@ from torch.utils._pytree import tree_leaves
 
 
 class SavedTensorCounter:
-    """Counts the distinct activation storages autograd saves for backward (parameters excluded).
+    """Counts the activation storages autograd saves for backward (parameters excluded).
 
-    This is the M3 term of the paper's memory model, independent of device and allocator.
+    `bytes` is the peak of the saved storages alive at once, which is what the end of the forward pass holds: the
+    M3 term of the paper's memory model, independent of device and allocator. Storages are told apart by identity
+    and released by weakref finalizers, so a graph branch dropped during the forward does not leave its bytes
+    behind, and the count does not depend on where the allocator reuses addresses.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
-        self._seen: set[int] = set()
+        self._live: dict[int, int] = {}
+        self._finalizers: list[weakref.finalize] = []
+        self.current = 0
         self.bytes = 0
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self._param_storages and key not in self._seen:
-            self._seen.add(key)
-            self.bytes += storage.nbytes()
+        key = id(storage)
+        if storage.data_ptr() not in self._param_storages and key not in self._live:
+            self._live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.bytes = max(self.bytes, self.current)
+            self._finalizers.append(weakref.finalize(storage, self._release, key))
         return tensor
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
 
     @contextmanager
     def track(self) -> Iterator["SavedTensorCounter"]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
-            yield self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+                yield self
+        finally:
+            for finalizer in self._finalizers:
+                finalizer.detach()
+            self._finalizers.clear()
 
 
 def saved_bytes(model: nn.Module, batch: dict) -> int:

@@ -154,6 +154,25 @@ def _side_block_saved(side: Shape, s: int) -> int:
     return s * (7 * ds + 4 * i + 2 * side.q + 2 * side.kv + o_input) + 4 * side.heads + 12
 
 
+def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, reduction_factor: int) -> tuple[int, int]:
+    """(M3: bytes saved for backward at the end of the forward pass, the logits' log-softmax excluded;
+    the extra bytes a checkpointed layer rebuilds during backward)."""
+    d, L = shape.hidden, shape.layers
+    recompute = 0  # gradient checkpointing: one layer's activations rebuilt during backward, plus gradients in flight
+    if spec.kind == "full":
+        per_token = L * _full_layer_saved(shape, b)
+    elif spec.kind == "lora":
+        layer = _lora_layer_saved(shape, b)
+        per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
+        recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
+    else:
+        side, s = shape.side(reduction_factor), (b if spec.side_in_backbone_dtype else 4)
+        taps = shape.layers + 1 if spec.connections == "ladder" else shape.layers // 2 + 1
+        tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
+        per_token = taps * tap_bytes + L * _side_block_saved(side, s) + 2 * 4 * d
+    return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
+
+
 def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
              optimizer: str = "adamw", reduction_factor: int = 8, loss_chunk_size: Optional[int] = "method") -> Estimate:
     """Predict peak training memory of `method` (a `python -m peft_ladder.benchmark` method name) for `config`
@@ -185,19 +204,7 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
     state = 2 * trainable * (param_bytes if optimizer == "adamw" else 1 + 8 / 256)
     grads = trainable * param_bytes
 
-    recompute = 0  # gradient checkpointing: one layer's activations rebuilt during backward, plus gradients in flight
-    if spec.kind == "full":
-        per_token = L * _full_layer_saved(shape, b)
-    elif spec.kind == "lora":
-        layer = _lora_layer_saved(shape, b)
-        per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
-        recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
-    else:
-        side, s = shape.side(reduction_factor), (b if spec.side_in_backbone_dtype else 4)
-        taps = shape.layers + 1 if spec.connections == "ladder" else shape.layers // 2 + 1
-        tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
-        per_token = taps * tap_bytes + L * _side_block_saved(side, s) + 2 * 4 * d
-    activations = tokens * (per_token + 4 * d)  # + the final norm's fp32 input
+    activations, recompute = _saved_activations(shape, spec, tokens, b, reduction_factor)
     if chunk is None:
         logits = tokens * V * 12  # bf16 logits, fp32 copy, log-softmax output, its gradient (FINDINGS)
     else:
@@ -215,6 +222,13 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
     return Estimate(method=method, batch_size=batch_size, seq_len=seq_len, trainable_params=int(trainable),
                     weights=int(weights), optimizer=int(state), gradients=int(grads), activations=int(activations),
                     logits=int(logits))
+
+
+def saved_activation_bytes(config, method: str, batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
+                           reduction_factor: int = 8) -> int:
+    """M3 alone: what autograd keeps for backward (the loss's log-softmax output excluded), wherever the peak falls."""
+    shape = Shape.from_config(config)
+    return _saved_activations(shape, METHODS[method], batch_size * seq_len, BYTES[dtype], reduction_factor)[0]
 
 
 def fits(config, cards_gb=CARDS_GB, methods=DEFAULT_METHODS, **kwargs) -> dict[str, dict[int, bool]]:

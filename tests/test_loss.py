@@ -119,6 +119,8 @@ def test_logits_kept_outside_training_with_labels():
         evaluated = model(**inputs, labels=inputs["input_ids"])
     assert evaluated.logits.shape == (2, 12, 96) and evaluated.loss is not None
     assert model(**inputs).logits.shape == (2, 12, 96)
+    assert model.eval()(**inputs, labels=inputs["input_ids"]).logits.shape == (2, 12, 96)  # eval mode, grad on
+    model.train()
     with model.disable_adapter():
         assert model(**inputs, labels=inputs["input_ids"]).logits is not None
 

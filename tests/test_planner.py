@@ -1,0 +1,83 @@
+"""The memory planner against real models: parameter counts, weight bytes and saved activations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from peft_ladder.benchmark.methods import METHODS, build
+from peft_ladder.benchmark.runner import make_batch, model_config, prepare_checkpoint
+from peft_ladder.memory import SavedTensorCounter, held_tensors
+from peft_ladder.planner import Shape, estimate, main, saved_activation_bytes
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return prepare_checkpoint("tiny", str(tmp_path_factory.mktemp("tiny")))
+
+
+def _built(checkpoint, method):
+    torch.manual_seed(0)
+    return build(checkpoint, METHODS[method], torch.bfloat16, torch.device("cpu"))
+
+
+def test_shape_from_config_files():
+    qwen = Shape.from_config(os.path.join(CONFIGS, "qwen2.5-7b.json"))
+    assert (qwen.hidden, qwen.layers, qwen.head_dim, qwen.q, qwen.kv, qwen.qkv_bias) == (3584, 28, 128, 3584, 512, True)
+    llama = Shape.from_config(os.path.join(CONFIGS, "llama-3.1-70b.json"))
+    assert (llama.layers, llama.kv, llama.vocab, llama.qkv_bias) == (80, 1024, 128256, False)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ladder", "xladder", "ladder-4bit-frozendown"])
+def test_trainable_parameters_match_the_real_model(checkpoint, method):
+    model = _built(checkpoint, method)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate(model_config("tiny"), method).trainable_params == real
+
+
+@pytest.mark.parametrize("method", ["lora", "ladder"])
+def test_weight_bytes_match_the_real_model(checkpoint, method):
+    model = _built(checkpoint, method)
+    measured = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in held_tensors(model)}.values())
+    predicted = estimate(model_config("tiny"), method).weights
+    buffers = sum(b.nbytes for b in model.buffers())  # rotary inv_freq: not modelled, a few hundred bytes
+    assert predicted == measured - buffers
+
+
+@pytest.mark.parametrize("method", ["lora", "ladder-nochunk", "full"])
+def test_saved_activations_match_autograd(checkpoint, method):
+    model = _built(checkpoint, method)
+    batch = make_batch(model.config.vocab_size, 2, 64, "cpu", seed=0)
+    counter = SavedTensorCounter(model)
+    with counter.track():
+        loss = model(**batch).loss
+    loss.backward()
+    tokens, vocab = 128, model.config.vocab_size
+    saved_logits = 4 * tokens * vocab  # the log-softmax output: counted in the planner's logits term
+    predicted = saved_activation_bytes(model_config("tiny"), method, batch_size=2, seq_len=64)
+    assert predicted + saved_logits == pytest.approx(counter.bytes, rel=0.07)  # within 1-5% at 8+ layers
+
+
+def test_unknown_method_and_optimizer_are_refused():
+    with pytest.raises(ValueError, match=r"method='dora' is unknown"):
+        estimate(model_config("tiny"), "dora")
+    with pytest.raises(ValueError, match=r"optimizer='sgd' is unknown"):
+        estimate(model_config("tiny"), "lora", optimizer="sgd")
+
+
+def test_8bit_adamw_shrinks_only_the_optimizer_state():
+    config = os.path.join(CONFIGS, "llama-3.1-8b.json")
+    fp32, int8 = estimate(config, "ladder-4bit"), estimate(config, "ladder-4bit", optimizer="adamw8bit")
+    assert int8.optimizer < fp32.optimizer / 3.5
+    assert (int8.weights, int8.activations, int8.logits) == (fp32.weights, fp32.activations, fp32.logits)
+
+
+def test_cli_prints_every_method(capsys):
+    assert main(["--config", os.path.join(CONFIGS, "qwen2.5-7b.json"), "--seq-len", "2048"]) == 0
+    table = capsys.readouterr().out
+    for method in ("full", "qlora-gc", "ladder-4bit"):
+        assert f"| {method} |" in table
