@@ -21,7 +21,7 @@ import torch
 
 from .methods import DEFAULT_METHODS, METHODS
 from .report import markdown_table, plot
-from .runner import PRESETS, environment, prepare_checkpoint, run_in_subprocess, run_method
+from .runner import PRESETS, environment, prepare_checkpoint, run_generation, run_in_subprocess, run_method
 
 
 def _ints(text: str) -> list[int]:
@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per method before it is reported failed")
     parser.add_argument("--out", default=None, help="output directory. Default: benchmarks/results/<model>-<device>")
+    parser.add_argument("--generate", type=int, default=0, metavar="NEW_TOKENS",
+                        help="also time greedy generation of NEW_TOKENS tokens (32-token prompt) with and without a "
+                             "Ladder adapter (its side KV cache). Default 0: skip.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method spec
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         with open(args.worker) as handle:
-            print(json.dumps(run_method(json.load(handle))))
+            spec = json.load(handle)
+        print(json.dumps(run_generation(spec) if spec["method"] == "generation" else run_method(spec)))
         return 0
     if args.list_methods:
         for name, method in METHODS.items():
@@ -87,13 +91,23 @@ def main(argv=None) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             records = list(pool.map(one, methods))
+        generation = None
+        if args.generate:
+            generation = run_in_subprocess({**base, "method": "generation", "prompt_len": 32,
+                                            "new_tokens": args.generate}, args.timeout)
     results = {"environment": environment(torch.device(args.device)),
                "args": {k: v for k, v in vars(args).items() if k not in ("worker", "list_methods")},
                "command": "python -m peft_ladder.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
-               "methods": records}
+               "methods": records, "generation": generation}
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
     table = markdown_table(results)
+    if generation and "error" not in generation:
+        table += (f"\n\nGeneration ({generation['new_tokens']} new tokens, greedy, {generation['time_method']}): base "
+                  f"{generation['base_tokens_per_s']:.1f} tokens/s, with Ladder {generation['ladder_tokens_per_s']:.1f}"
+                  f" tokens/s, ratio {generation['ratio']:.2f}")
+    elif generation:
+        table += f"\n\nGeneration failed: {generation['error']}"
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(f"`{results['command']}`\n\n{table}\n")
     plot(results, os.path.join(out, "results.png"))

@@ -155,6 +155,38 @@ def run_method(spec: dict) -> dict:
     return record
 
 
+def run_generation(spec: dict) -> dict:
+    """Worker body for the generation target: greedy decoding speed of the base model and of the same model with a
+    Ladder adapter (side KV cache), in one process, same prompt, same number of new tokens."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peft_ladder import LadderConfig
+
+    torch.set_num_threads(spec["threads"])
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device).eval()
+    vocab = model.config.get_text_config().vocab_size
+    prompt = make_batch(vocab, 1, spec["prompt_len"], device, spec["seed"])
+    prompt.pop("labels")
+    new = spec["new_tokens"]
+    clock = _Clock(device)
+
+    def speed(m) -> float:
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            m.generate(**prompt, **kwargs)  # warm-up
+            start = clock.now()
+            m.generate(**prompt, **kwargs)
+        return new / (clock.now() - start)
+
+    base = speed(model)
+    ladder = get_peft_model(model, LadderConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    with_ladder = speed(ladder)
+    return {"method": "generation", "prompt_len": spec["prompt_len"], "new_tokens": new, "time_method": clock.method,
+            "base_tokens_per_s": base, "ladder_tokens_per_s": with_ladder, "ratio": with_ladder / base}
+
+
 def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
     """Run one method in a fresh Python process (nothing cached, allocator and bitsandbytes state fresh)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
