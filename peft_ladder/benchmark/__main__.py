@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--generate", type=int, default=0, metavar="NEW_TOKENS",
                         help="also time greedy generation of NEW_TOKENS tokens (32-token prompt) with and without a "
                              "Ladder adapter (its side KV cache). Default 0: skip.")
+    parser.add_argument("--report", metavar="RESULTS_JSON", default=None,
+                        help="only rewrite results.md and results.png next to an existing results.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method spec
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -70,6 +72,11 @@ def main(argv=None) -> int:
         with open(args.worker) as handle:
             spec = json.load(handle)
         print(json.dumps(run_generation(spec) if spec["method"] == "generation" else run_method(spec)))
+        return 0
+    if args.report:
+        with open(args.report) as handle:
+            results = json.load(handle)
+        write_reports(results, os.path.dirname(os.path.abspath(args.report)))
         return 0
     if args.list_methods:
         for name, method in METHODS.items():
@@ -101,6 +108,13 @@ def main(argv=None) -> int:
                "methods": records, "generation": generation}
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
+    print(write_reports(results, out))
+    return 0 if not any(r.get("error") for r in records) else 1
+
+
+def write_reports(results: dict, out: str) -> str:
+    """results.md and results.png in `out`; returns the table."""
+    generation = results.get("generation")
     table = markdown_table(results)
     if generation and "error" not in generation:
         table += (f"\n\nGeneration ({generation['new_tokens']} new tokens, greedy, {generation['time_method']}): base "
@@ -111,8 +125,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(f"`{results['command']}`\n\n{table}\n")
     plot(results, os.path.join(out, "results.png"))
-    print(table)
-    return 0 if not any(r.get("error") for r in records) else 1
+    return table
 
 
 if __name__ == "__main__":

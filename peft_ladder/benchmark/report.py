@@ -69,15 +69,19 @@ def plot(results: dict, path: str) -> Optional[str]:
         return None
     batch_size = max(run["batch_size"] for _, run in runs)
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for record in results["methods"]:
+    colors = plt.get_cmap("tab20").colors
+    for number, record in enumerate(results["methods"]):
         points = sorted((run["seq_len"], run) for run in record.get("runs", [])
                         if "error" not in run and run["batch_size"] == batch_size)
         if not points:
             continue
         style = "-" if record["method"].startswith(("ladder", "xladder")) else "--"
         seq = [s for s, _ in points]
-        mem_ax.plot(seq, [r["peak_bytes"] / MIB for _, r in points], style, marker="o", label=record["method"])
-        time_ax.plot(seq, [r["step_time_s"] for _, r in points], style, marker="o", label=record["method"])
+        color = colors[number % len(colors)]
+        mem_ax.plot(seq, [r["peak_bytes"] / MIB for _, r in points], style, marker="o", ms=3, color=color,
+                    label=record["method"])
+        time_ax.plot(seq, [r["step_time_s"] for _, r in points], style, marker="o", ms=3, color=color,
+                     label=record["method"])
     env = results["environment"]
     for ax, title in ((mem_ax, "peak memory (MiB)"), (time_ax, f"step time (s, {runs[0][1]['time_method']})")):
         ax.set_xscale("log", base=2)
@@ -85,10 +89,10 @@ def plot(results: dict, path: str) -> Optional[str]:
         ax.set_xlabel("sequence length")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    time_ax.legend(fontsize=7, loc="upper left")
+    mem_ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.suptitle(f"{results['args']['model']}, batch {batch_size}, {results['args']['dtype']}, {env['device']}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
