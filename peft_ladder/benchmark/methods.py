@@ -56,6 +56,9 @@ METHODS = {m.name: m for m in [
        "copies)", quantization="4bit", loss_chunk_size=DEFAULT_CHUNK, side_in_backbone_dtype=True),
     _m("ladder-4bit-frozendown", "ladder", "Ladder-4bit, frozen random down-projections", quantization="4bit",
        loss_chunk_size=DEFAULT_CHUNK, freeze_down=True),
+    _m("ladder-4bit-config", "ladder", "Ladder-4bit quantized by LadderConfig(quantization='4bit') instead of "
+       "from_pretrained (should measure as ladder-4bit)", loss_chunk_size=DEFAULT_CHUNK,
+       ladder_options=(("quantization", "4bit"),)),
     _m("ladder-8bit", "ladder", "Ladder on an 8-bit backbone (the paper's math runs)", quantization="8bit",
        loss_chunk_size=DEFAULT_CHUNK),
 ]}
@@ -123,6 +126,8 @@ def build(model_dir: str, method: Method, dtype: torch.dtype, device: torch.devi
         config = LadderConfig(task_type="CAUSAL_LM", connections=method.connections,
                               loss_chunk_size=method.loss_chunk_size, **dict(method.ladder_options))
         model = get_peft_model(model, config, autocast_adapter_dtype=not method.side_in_backbone_dtype)
+        if device.type == "cpu":
+            gpu_faithful_bitsandbytes(model)  # LadderConfig(quantization=...) quantizes here, after loading
         if method.freeze_down:
             for name, param in model.named_parameters():
                 if ".ladder_side." in name and ".down." in name:
