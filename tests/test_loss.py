@@ -143,3 +143,18 @@ def test_loss_chunk_size_validated():
     with pytest.raises(ValueError, match=r"loss_chunk_size=0 must be a positive number of tokens"):
         LadderConfig(loss_chunk_size=0)
     assert LadderConfig(loss_chunk_size=None).loss_chunk_size is None
+
+
+def test_trl_fused_lm_head_passes_through():
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = tiny_causal_lm("llama")
+    add_fused_lm_head(base)  # what SFTTrainer does before wrapping the model with PEFT
+    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False, loss_chunk_size=4)
+    model = get_peft_model(base, config).train()
+    inputs = batch()
+    fused = model(**inputs, labels=inputs["input_ids"], fused_lm_head=True)
+    assert not isinstance(fused, LadderChunkedLossOutput) and fused.log_probs is not None
+    chunked = model(**inputs, labels=inputs["input_ids"])
+    assert isinstance(chunked, LadderChunkedLossOutput)
+    torch.testing.assert_close(fused.loss, chunked.loss)
