@@ -83,6 +83,10 @@ def reference_layer_index(config, num_layers: int) -> int:
     return num_layers - 1
 
 
+def _uses_rotary(config) -> bool:
+    return any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling"))
+
+
 def side_config(config, num_layers: int, side_blocks: int, reduction_factor: int):
     """The backbone's decoder config shrunk to side width `hidden_size / reduction_factor`.
 
@@ -100,10 +104,12 @@ def side_config(config, num_layers: int, side_blocks: int, reduction_factor: int
     heads = int(config.num_attention_heads)
     side = copy.deepcopy(config)
     side.hidden_size = side_width
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim is not None:
-        # Rotary models: keep the backbone's head size so the side blocks reuse its (cos, sin) unchanged.
-        side_heads = max(1, side_width // int(head_dim))
+    if _uses_rotary(config):
+        # Rotary models: keep the backbone's head size so the side blocks reuse its (cos, sin) unchanged. Set it
+        # explicitly: configs without `head_dim` (Qwen2) would derive it from the side width and heads instead.
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        side_heads = max(1, side_width // head_dim)
+        side.head_dim = head_dim
     else:
         # Absolute-position models (OPT, GPT-2) derive head size from width: pick a head count that divides it.
         side_heads = max(1, side_width // (hidden // heads))

@@ -209,3 +209,20 @@ def test_wrapped_layers_are_peft_tuner_layers():
     assert len(layers) == 5
     tap = model.base_model.model.model.layers[0]
     assert tap.self_attn is tap.base_layer.self_attn  # models read attributes off the layers: delegated
+
+
+@pytest.mark.parametrize("arch_name, width, heads", [("qwen2", 128, 4), ("qwen2", 224, 7), ("llama", 128, 4)])
+def test_side_blocks_keep_the_rotary_head_size_whatever_the_side_width(arch_name, width, heads):
+    # Qwen2 configs carry no head_dim: a side width of 16 (< the head size 32) must still use 32-wide rotary heads,
+    # and so must a width that is not a multiple of the head size (as Qwen2.5-7B at r=8: 448 = 3.5 x 128).
+    def base():
+        return tiny_causal_lm(arch_name, hidden_size=width, num_attention_heads=heads, num_key_value_heads=heads)
+
+    head_dim = getattr(base().config, "head_dim", None) or width // heads
+    for reduction_factor in (8, 2):
+        config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=reduction_factor, init_weights=False)
+        model = get_peft_model(base(), config).train()
+        model(**batch(), labels=batch()["input_ids"]).loss.backward()
+        side = model.base_model.model.model.norm.ladder_side["default"]
+        assert side.side_config.head_dim == head_dim
+        assert all(p.grad is not None for p in side.parameters())
