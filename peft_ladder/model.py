@@ -65,8 +65,10 @@ class LadderModel(BaseTuner):
         # Validate against this model before any module is replaced, so a bad config leaves the model untouched.
         backbone = self._backbone()
         plan = resolve_plan(peft_config.connections, backbone.num_layers, peft_config.side_layers, peft_config.xladder_depth)
-        side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
+        side = side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
         prepare_backbone(self.model, peft_config)  # quantize as configured, or record the backbone's quantization
+        # What `_create_and_replace` needs for this adapter, worked out once instead of once per wrapped module.
+        self.__dict__["_ladder_setup"] = (backbone, plan, side)
         self.__dict__["_ladder_targets"] = {name: i for i, name in enumerate(backbone.layer_names)}
         self.__dict__["_ladder_targets"][backbone.norm_name] = None
         return peft_config
@@ -81,8 +83,7 @@ class LadderModel(BaseTuner):
 
     def _create_and_replace(self, peft_config: LadderConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        backbone = self._backbone()
-        plan = resolve_plan(peft_config.connections, backbone.num_layers, peft_config.side_layers, peft_config.xladder_depth)
+        backbone, plan, config = self.__dict__["_ladder_setup"]
         layer_index = self.__dict__["_ladder_targets"][current_key]
         if layer_index is not None:
             if not isinstance(target, LadderTapLayer):
@@ -90,7 +91,6 @@ class LadderModel(BaseTuner):
                 target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, self._buffer(), reference))
             target.ladder_taps[adapter_name] = tuple(i for i in (layer_index, layer_index + 1) if i in plan.tap_indices)
             return
-        config = side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
         block_cls = type(base_module(self.model.get_submodule(backbone.layer_names[0])))
         side = LadderSideNetwork(plan, backbone.hidden_size, config, block_cls, peft_config.gate,
                                  peft_config.gate_temperature, peft_config.init_weights)
