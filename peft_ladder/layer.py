@@ -206,7 +206,7 @@ class LadderFusionLayer(LadderLayer):
             return out[0] if isinstance(out, tuple) else out
 
         with _not_recorded():
-            side_out = side(taps, run_block)  # (B, T, d)
+            side_out = side(taps, run_block, hidden_states)  # (B, T, d)
         return self.base_layer(hidden_states + side_out.to(hidden_states.dtype), *args, **kwargs)
 
     def __repr__(self) -> str:

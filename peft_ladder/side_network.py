@@ -21,7 +21,7 @@ starts at zero, so a fresh adapter is an exact identity.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -30,13 +30,6 @@ from .connections import ConnectionPlan
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 RMS_EPS = 1e-6
-
-
-class FusionTap(NamedTuple):
-    """What `project` returns for h_L, the fusion point's input: its down-projection (if connected) and its RMS."""
-
-    projected: Optional[torch.Tensor]  # (B, T, d_s), or None when h_L feeds no side block
-    scale: torch.Tensor  # (B, T, 1) per-token RMS of h_L, detached
 
 
 class LadderSideNetwork(nn.Module):
@@ -80,16 +73,15 @@ class LadderSideNetwork(nn.Module):
         return self.up.weight.dtype
 
     def reads(self, index: int) -> bool:
-        # h_L (index num_layers) is always read: its RMS sets the scale of the side output (module docstring).
-        return str(index) in self.down or index == self.plan.num_layers
+        return str(index) in self.down
 
-    def project(self, index: int, hidden: torch.Tensor) -> Union[torch.Tensor, FusionTap]:
+    def project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone."""
-        hidden = hidden.detach().to(self.dtype)
-        projected = self.down[str(index)](hidden) if str(index) in self.down else None
-        if index != self.plan.num_layers:
-            return projected
-        return FusionTap(projected, hidden.pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt())
+        return self.down[str(index)](hidden.detach().to(self.dtype))
+
+    def output_scale(self, stream: torch.Tensor) -> torch.Tensor:
+        """Per-token RMS of h_L (B, T, 1), detached: the unit the side output is added in (module docstring)."""
+        return stream.detach().to(self.dtype).pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()
 
     def mix(self, block: int, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         if self.gate_mode == "sum":
@@ -100,14 +92,12 @@ class LadderSideNetwork(nn.Module):
             mu = float(self.gate_mode)
         return mu * side + (1.0 - mu) * tap
 
-    def forward(self, taps: dict[int, Union[torch.Tensor, FusionTap]], run_block: BlockRunner) -> torch.Tensor:
-        """Run the side stream over the projected `taps`; return what is added to h_L: up(norm(side)) * rms(h_L)."""
-        fusion = taps[self.plan.num_layers]
-        taps = {**taps, self.plan.num_layers: fusion.projected}
+    def forward(self, taps: dict[int, torch.Tensor], run_block: BlockRunner, stream: torch.Tensor) -> torch.Tensor:
+        """Run the side stream over the projected `taps`; return what is added to `stream` (h_L), (B, T, d)."""
         side = taps[self.plan.source]  # s_0: (B, T, d_s)
         for j, block in enumerate(self.blocks):
             layer = self.plan.block_to_layer.get(j)
             if layer is not None:
                 side = self.mix(j, side, taps[layer + 1])
             side = run_block(block, side)
-        return self.up(self.norm(side)) * fusion.scale  # (B, T, d)
+        return self.up(self.norm(side)) * self.output_scale(stream)  # (B, T, d)
