@@ -20,7 +20,7 @@ from conftest import batch, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder.layer import GC_WARNING
 from peft_ladder.memory import saved_bytes
-from tiny_training import BackboneSaveProbe, counting_rows, side_parameters
+from tiny_training import BackboneSaveProbe, counting_rows, side_parameters, watch_training
 
 CHECKPOINT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
                     "scheduler.pt", "trainer_state.json", "training_args.bin"}
@@ -61,9 +61,7 @@ def test_trainer_learns_with_checkpointing_keeps_the_backbone_out_of_autograd_an
                          activation_checkpointing=True)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset(), eval_dataset=train_dataset(8, seed=99))
     before = trainer.evaluate()["eval_loss"]
-    probe = BackboneSaveProbe(model)
-    with warnings.catch_warnings(record=True) as records, probe.track():
-        warnings.simplefilter("always")
+    with watch_training(model) as (probe, records):
         trainer.train()
     after = trainer.evaluate()["eval_loss"]
 
@@ -231,9 +229,7 @@ def test_qlora_recipe_4bit_prepare_for_kbit_training_then_trainer_keeps_the_back
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = ladder_model(base=base)
     trainer = Trainer(model=model, args=training_args(tmp_path / "run", max_steps=3), train_dataset=train_dataset())
-    probe = BackboneSaveProbe(model)
-    with warnings.catch_warnings(record=True) as records, probe.track():
-        warnings.simplefilter("always")
+    with watch_training(model) as (probe, records):
         result = trainer.train()
     assert probe.calls > 0 and probe.kept == (0, 0)
     assert len(gc_warnings(records)) == 1

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import batch, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder.layer import GC_WARNING
-from tiny_training import BackboneSaveProbe, char_tokenizer, counting_texts
+from tiny_training import BackboneSaveProbe, char_tokenizer, counting_texts, watch_training
 
 trl = pytest.importorskip("trl")
 HAS_BNB = pytest.importorskip("importlib").util.find_spec("bitsandbytes") is not None
@@ -68,9 +68,7 @@ def test_sft_trainer_with_trl_defaults_learns_keeps_the_backbone_out_and_saves_o
     model = trainer.model
     assert isinstance(model, PeftModel) and side_dtypes(model) == {torch.float32}  # float backbone: no cast
     before = trainer.evaluate()["eval_loss"]
-    probe = BackboneSaveProbe(model)
-    with warnings.catch_warnings(record=True) as records, probe.track():
-        warnings.simplefilter("always")
+    with watch_training(model) as (probe, records):
         trainer.train()
     after = trainer.evaluate()["eval_loss"]
 

@@ -6,6 +6,7 @@ Used by test_trainer.py, test_trl.py and distributed_worker.py (which runs outsi
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -113,3 +114,12 @@ class BackboneSaveProbe:
         finally:
             for handle in self._handles:
                 handle.remove()
+
+
+@contextlib.contextmanager
+def watch_training(model: nn.Module) -> Iterator[tuple[BackboneSaveProbe, list]]:
+    """Record what autograd keeps of the backbone, and every warning, while the training inside this block runs."""
+    probe = BackboneSaveProbe(model)
+    with warnings.catch_warnings(record=True) as records, probe.track():
+        warnings.simplefilter("always")
+        yield probe, records
