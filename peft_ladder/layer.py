@@ -4,11 +4,13 @@
  decoder (BackboneGuard: autograd off from the embeddings to the final norm's input)
  embed -> [tap 0: layer 0] -> ... -> [tap L-1: layer L-1] -> [fusion: h_L + up(side) -> final norm] -> head
               |                           |                       ^
-              +-- project --> TapBuffer <-+-- project             |  side network (caller's grad mode)
+              +-- project --> ForwardState <-+-- project          |  side network (caller's grad mode)
+                              (taps, block inputs) ---- take -----+
 ```
 
-The side network of each adapter lives in the fusion layer (`ladder_side`); the taps reach it through a `TapBuffer`
-shared by all layers of one model, which also carries the attention inputs (mask, rotary, cache) the side blocks reuse.
+The side network of each adapter lives in the fusion layer (`ladder_side`). One `ForwardState`, shared by all layers
+of a model, carries what one forward pass collects for it: the projected taps and the attention inputs (mask, rotary,
+cache) the side blocks reuse. The guard starts it when the decoder is entered, the fusion layer takes it.
 """
 
 from __future__ import annotations
@@ -33,61 +35,95 @@ GC_WARNING = (
 )
 
 
-class TapBuffer:
-    """Per-forward state shared by the Ladder layers of one model (plain Python: not a module, never saved)."""
+class ForwardState:
+    """What one forward pass through the backbone collects for the side network (plain Python: never saved).
+
+    Started by the `BackboneGuard` when the decoder is entered, filled by the tap layers, taken (and so emptied) by
+    the fusion layer, and cleared when the decoder returns, so nothing stays alive between steps.
+    """
 
     def __init__(self) -> None:
-        self.fusion: list[LadderFusionLayer] = []  # a list, so the fusion layer is not registered twice
-        self.grad_enabled = True  # the caller's grad mode, which the side path runs in
-        self.warned_checkpointing = False  # GC_WARNING is given once per model, not once per layer and step
         self.clear()
 
     def clear(self) -> None:
-        self.taps: dict[int, torch.Tensor] = {}
-        self.block_args: Optional[tuple] = None
-        self.block_kwargs: Optional[dict] = None
+        self.side: Optional[LadderSideNetwork] = None  # the adapter this forward runs; None: the plain backbone
+        self.grad_enabled = True  # the caller's grad mode, which the side path runs in
+        self._taps: dict[int, torch.Tensor] = {}
+        self._block_args: tuple = ()
+        self._block_kwargs: dict = {}
 
-    def active_side(self) -> Optional[LadderSideNetwork]:
-        return self.fusion[0].active_side() if self.fusion else None
+    def start(self, side: Optional[LadderSideNetwork]) -> None:
+        self.clear()
+        self.side = side
+        self.grad_enabled = torch.is_grad_enabled()
 
     def side_grad(self) -> torch.autograd.grad_mode.set_grad_enabled:
         """Context in which trainable side computations run: the caller's grad mode, not the backbone's."""
         return torch.set_grad_enabled(self.grad_enabled)
 
+    def record_tap(self, index: int, hidden: torch.Tensor) -> None:
+        """Down-project backbone hidden state `hidden[index]` if the side network reads it."""
+        if self.side is not None and self.side.reads(index):
+            with self.side_grad():
+                self._taps[index] = self.side.project(index, hidden)
+
+    def record_block_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The reference layer's attention inputs (mask, rotary, cache), which the side blocks reuse."""
+        self._block_args, self._block_kwargs = args, kwargs
+
+    def take(self) -> tuple[dict[int, torch.Tensor], tuple, dict]:
+        """The projected taps and block inputs of this forward; the state keeps nothing of them."""
+        taps, args, kwargs = self._taps, self._block_args, self._block_kwargs
+        self._taps, self._block_args, self._block_kwargs = {}, (), {}
+        return taps, args, kwargs
+
 
 class BackboneGuard:
     """Runs the frozen decoder, from the embeddings to the final norm's input, with autograd off.
 
-    Active while a Ladder adapter is; the fusion layer `release`s it, so the side path, the norm and whatever the
-    decoder does after it (e.g. GPT-2's reshape) run in the caller's grad mode.
+    Active while a Ladder adapter is; it switches grad back on when the fusion layer is entered, so the side path,
+    the norm and whatever the decoder does after it (e.g. GPT-2's reshape) run in the caller's grad mode. Installed
+    once per model by `LadderModel._post_injection_hook`, removed by `unload()`.
 
     Frozen weights alone are not enough: `enable_input_require_grads()` (gradient checkpointing, k-bit preparation)
     makes the embedding output require grad, and every backbone activation would then be saved for backward.
     """
 
-    def __init__(self, decoder: nn.Module, buffer: TapBuffer) -> None:
-        self.buffer = buffer
+    def __init__(self, decoder: nn.Module, fusion: LadderFusionLayer) -> None:
+        self.fusion = fusion
+        self.state = fusion.forward_state
+        self.first_tap = next(m for m in decoder.modules() if isinstance(m, LadderTapLayer))
+        self.warned_checkpointing = False  # GC_WARNING is given once per model, not once per layer and step
         self._switched = False
         self.handles = [
             decoder.register_forward_pre_hook(self._enter),
+            fusion.register_forward_pre_hook(self._release),  # the frozen backbone ends here
             decoder.register_forward_hook(self._exit, always_call=True),  # restores grad mode even on error
         ]
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        self.buffer.clear()
-        self.buffer.grad_enabled = torch.is_grad_enabled()
-        self._switched = self.buffer.active_side() is not None and self.buffer.grad_enabled
+        side = self.fusion.active_side()
+        self.state.start(side)
+        if side is not None:
+            self._warn_if_checkpointed()
+        self._switched = side is not None and self.state.grad_enabled
         if self._switched:
             torch.set_grad_enabled(False)
 
-    def release(self) -> None:
+    def _warn_if_checkpointed(self) -> None:
+        tap = self.first_tap
+        if tap.training and getattr(tap.base_layer, "gradient_checkpointing", False) and not self.warned_checkpointing:
+            self.warned_checkpointing = True
+            warnings.warn(GC_WARNING, stacklevel=4)
+
+    def _release(self, module: nn.Module, args: tuple) -> None:
         if self._switched:
             torch.set_grad_enabled(True)
             self._switched = False
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.release()  # also when the forward raised before reaching the fusion point
-        self.buffer.clear()
+        self._release(module, args)  # also when the forward raised before reaching the fusion point
+        self.state.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -117,16 +153,16 @@ class LadderLayer(nn.Module, BaseTunerLayer):
 
 
 class LadderTapLayer(LadderLayer):
-    """Runs one frozen decoder layer without grad and hands the hidden states the side network reads to it."""
+    """Runs one frozen decoder layer (without grad, under the `BackboneGuard`) and records what the side reads."""
 
     other_param_names = ("ladder_taps",)
 
-    def __init__(self, base_layer: nn.Module, layer_index: int, buffer: TapBuffer, reference: bool) -> None:
+    def __init__(self, base_layer: nn.Module, layer_index: int, state: ForwardState, reference: bool) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.layer_index = layer_index
         self.is_reference = reference  # its attention inputs are reused by the side blocks
-        self.buffer = buffer
+        self.forward_state = state
         self.ladder_taps: dict[str, tuple[int, ...]] = {}  # adapter -> hidden-state indices read around this layer
         self._disable_adapters = False
         self.merged_adapters = []
@@ -140,24 +176,15 @@ class LadderTapLayer(LadderLayer):
         return set(self.ladder_taps)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        side = self.buffer.active_side()
-        if self.disable_adapters or side is None:
+        state = self.forward_state
+        if self.disable_adapters or state.side is None:
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        checkpointed = getattr(self.base_layer, "gradient_checkpointing", False)
-        if self.training and checkpointed and not self.buffer.warned_checkpointing:
-            self.buffer.warned_checkpointing = True
-            warnings.warn(GC_WARNING, stacklevel=2)
-        taps, index = self.buffer.taps, self.layer_index
-        if side.reads(index):
-            with self.buffer.side_grad():
-                taps[index] = side.project(index, hidden_states)
+        state.record_tap(self.layer_index, hidden_states)
         output = self.base_layer(hidden_states, *args, **kwargs)  # frozen: runs under the BackboneGuard's no_grad
-        if side.reads(index + 1):
-            with self.buffer.side_grad():
-                taps[index + 1] = side.project(index + 1, output[0] if isinstance(output, tuple) else output)
+        state.record_tap(self.layer_index + 1, output[0] if isinstance(output, tuple) else output)
         if self.is_reference:
-            self.buffer.block_args, self.buffer.block_kwargs = args, kwargs
+            state.record_block_inputs(args, kwargs)
         return output
 
     def __repr__(self) -> str:
@@ -169,12 +196,11 @@ class LadderFusionLayer(LadderLayer):
 
     adapter_layer_names = ("ladder_side",)
 
-    def __init__(self, base_layer: nn.Module, buffer: TapBuffer, decoder: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, state: ForwardState) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.buffer = buffer
-        buffer.fusion[:] = [self]
-        self.guard = BackboneGuard(decoder, buffer)  # the final norm's parent is the decoder
+        self.forward_state = state
+        self.guard: Optional[BackboneGuard] = None  # installed by LadderModel once the adapter is injected
         self.ladder_side = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
@@ -184,21 +210,29 @@ class LadderFusionLayer(LadderLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
+    def install_guard(self, decoder: nn.Module) -> BackboneGuard:
+        """Put the no-grad boundary around `decoder` (the final norm's parent), once per model."""
+        if self.guard is None:
+            self.guard = BackboneGuard(decoder, self)
+        return self.guard
+
+    def remove_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.remove()
+            self.guard = None
+
     def active_side(self) -> Optional[LadderSideNetwork]:
         if self.disable_adapters or not self.active_adapters:
             return None
         return self.ladder_side[self.active_adapters[0]] if self.active_adapters[0] in self.ladder_side else None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.guard.release()  # the frozen backbone ends here
         side = self.active_side()
-        buffer = self.buffer
-        if side is None or not buffer.taps:
+        taps, block_args, block_kwargs = self.forward_state.take()  # keep nothing alive between steps
+        if side is None or not taps:
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        taps, block_args, block_kwargs = buffer.taps, buffer.block_args, buffer.block_kwargs
-        buffer.clear()  # keep nothing alive between steps
-        block_args, block_kwargs = _cast_floats((block_args or (), block_kwargs or {}), side.dtype)
+        block_args, block_kwargs = _cast_floats((block_args, block_kwargs), side.dtype)
         reserve_side_slots(_find_cache(block_args, block_kwargs), side.side_config)  # each adapter its own depth
 
         def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:

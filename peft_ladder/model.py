@@ -12,14 +12,20 @@ after Ladder Side Tuning (Sung et al., 2022) and QST (Zhang et al., 2024).
           s_0 ----> [side 0] --> [side 1] --> ... --> [side l-1] --> up ---+
 ```
 
-The tuner wraps every decoder layer in a `LadderTapLayer` (the no-grad boundary) and the final norm in a
-`LadderFusionLayer` that owns each adapter's `LadderSideNetwork`. Because the logic lives in those layers, the
-model's own forward (and TRL's fused-head forward, `generate`, and the base model's loss) run unchanged.
+The tuner wraps every decoder layer in a `LadderTapLayer` and the final norm in a `LadderFusionLayer` that owns each
+adapter's `LadderSideNetwork`, and puts a `BackboneGuard` (the no-grad boundary) on the decoder. Because the logic
+lives in those layers, the model's own forward (and TRL's fused-head forward, `generate`, and the base model's loss)
+run unchanged.
+
+How PEFT's hooks are used, per adapter: `_prepare_adapter_config` validates the config against this model and
+resolves it (`AdapterSetup`); `_prepare_model` quantizes the backbone if the config asks; `_create_and_replace` wraps
+each target; `_post_injection_hook` installs the guard (once per model; `unload()` removes it).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner
@@ -28,14 +34,47 @@ from torch import nn
 from ._registration import LADDER_PREFIX
 from .backbone import Backbone, base_module, find_backbone, reference_layer_index, side_config
 from .config import LadderConfig
-from .connections import resolve_plan
+from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
-from .layer import LadderFusionLayer, LadderLayer, LadderTapLayer, TapBuffer
+from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
 from .loss import chunked_causal_lm_forward, chunking_blocker
 from .quantization import prepare_backbone
 from .side_network import LadderSideNetwork
 
 _ADAPTER_KEY = r"((?:^|\.)" + LADDER_PREFIX + r"[^.]*)\.{adapter}(?=\.|$)"
+
+
+@dataclass
+class AdapterSetup:
+    """What wrapping the model for one adapter needs, worked out once instead of once per wrapped module."""
+
+    backbone: Backbone
+    plan: ConnectionPlan
+    side_config: object  # the backbone's decoder config at side width
+    reference_index: int  # the layer whose attention inputs the side blocks reuse
+    targets: dict[str, Optional[int]]  # module name -> decoder layer index; None for the final norm
+    state: ForwardState  # shared by all Ladder layers of the model
+    side: Optional[LadderSideNetwork] = None  # built by the first `_create_and_replace`, inside PEFT's init context
+
+    @classmethod
+    def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
+        """Raise a ValueError if `config` does not fit `model`; nothing is changed."""
+        backbone = find_backbone(model)
+        plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
+        targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
+        targets[backbone.norm_name] = None
+        existing = (m.forward_state for m in model.modules() if isinstance(m, LadderLayer))
+        return cls(backbone, plan, side_config(backbone.config, backbone.num_layers, plan.side_blocks,
+                                               config.reduction_factor),
+                   reference_layer_index(backbone.config, backbone.num_layers), targets,
+                   next(existing, None) or ForwardState())
+
+    def side_network(self, model: nn.Module, config: LadderConfig) -> LadderSideNetwork:
+        if self.side is None:
+            block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
+            self.side = LadderSideNetwork(self.plan, self.backbone.hidden_size, self.side_config, block_cls,
+                                          config.gate, config.gate_temperature, config.init_weights)
+        return self.side
 
 
 class LadderModel(BaseTuner):
@@ -55,65 +94,56 @@ class LadderModel(BaseTuner):
     prefix: str = LADDER_PREFIX
     tuner_layer_cls = LadderLayer
     target_module_mapping: dict = {}
+    adapter_setup: Optional[AdapterSetup] = None  # the adapter being injected; None between injections
+    guard: Optional[BackboneGuard] = None  # the no-grad boundary around the decoder, one per model
 
-    # --- which modules are wrapped ----------------------------------------------------------------------------------
+    # --- wrapping the model, one adapter at a time ------------------------------------------------------------------
 
     def _backbone(self) -> Backbone:
         return find_backbone(self.model)
 
     def _prepare_adapter_config(self, peft_config: LadderConfig, model_config: dict) -> LadderConfig:
-        # Validate against this model before any module is replaced, so a bad config leaves the model untouched.
-        backbone = self._backbone()
-        plan = resolve_plan(peft_config.connections, backbone.num_layers, peft_config.side_layers, peft_config.xladder_depth)
-        side = side_config(backbone.config, backbone.num_layers, plan.side_blocks, peft_config.reduction_factor)
-        prepare_backbone(self.model, peft_config)  # quantize as configured, or record the backbone's quantization
-        # What `_create_and_replace` needs for this adapter, worked out once instead of once per wrapped module.
-        self.__dict__["_ladder_setup"] = (backbone, plan, side)
-        self.__dict__["_ladder_targets"] = {name: i for i, name in enumerate(backbone.layer_names)}
-        self.__dict__["_ladder_targets"][backbone.norm_name] = None
+        # Validate against this model before it is quantized or any module replaced: a bad config leaves it untouched.
+        self.adapter_setup = AdapterSetup.resolve(self.model, peft_config)
         return peft_config
 
+    def _prepare_model(self, peft_config: LadderConfig, model: nn.Module) -> None:
+        prepare_backbone(model, peft_config)  # quantize as configured, or record the backbone's quantization
+
     def _check_target_module_exists(self, peft_config: LadderConfig, key: str) -> bool:
-        return key in self.__dict__["_ladder_targets"]
+        return key in self.adapter_setup.targets
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
         # A state_dict only tells PEFT which modules hold weights; Ladder must also wrap the weightless taps.
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
+        finally:
+            self.adapter_setup = None  # the side network now lives in the fusion layer only
 
     def _create_and_replace(self, peft_config: LadderConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        backbone, plan, config = self.__dict__["_ladder_setup"]
-        layer_index = self.__dict__["_ladder_targets"][current_key]
-        if layer_index is not None:
-            if not isinstance(target, LadderTapLayer):
-                reference = layer_index == reference_layer_index(backbone.config, backbone.num_layers)
-                target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, self._buffer(), reference))
-            target.ladder_taps[adapter_name] = tuple(i for i in (layer_index, layer_index + 1) if i in plan.tap_indices)
-            return
-        block_cls = type(base_module(self.model.get_submodule(backbone.layer_names[0])))
-        side = LadderSideNetwork(plan, backbone.hidden_size, config, block_cls, peft_config.gate,
-                                 peft_config.gate_temperature, peft_config.init_weights)
-        if not isinstance(target, LadderFusionLayer):
-            target = self._swap(parent, target_name, LadderFusionLayer(target, self._buffer(), parent))
-        target.update_layer(adapter_name, side)
+        setup = self.adapter_setup
+        layer_index = setup.targets[current_key]
+        if layer_index is None and not isinstance(target, LadderFusionLayer):
+            target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state))
+        elif layer_index is not None and not isinstance(target, LadderTapLayer):
+            reference = layer_index == setup.reference_index
+            target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, setup.state, reference))
+        target.update_layer(adapter_name, setup.side_network(self.model, peft_config))
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
         self._replace_module(parent, name, new_module, new_module.base_layer)
         return new_module
-
-    def _buffer(self) -> TapBuffer:
-        buffer = self.__dict__.get("_ladder_buffer")
-        if buffer is None:
-            existing = (m.buffer for m in self.model.modules() if isinstance(m, (LadderTapLayer, LadderFusionLayer)))
-            buffer = self.__dict__["_ladder_buffer"] = next(existing, None) or TapBuffer()
-        return buffer
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Ladder wraps whole decoder layers and the norm; there is no `.weight` to rebind as LoRA does.
         setattr(parent, child_name, new_module)
 
     def _post_injection_hook(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> None:
+        # Adapters added later (add_adapter, load_adapter) reuse the guard installed here; unload() removes it.
+        name, fusion = next((n, m) for n, m in model.named_modules() if isinstance(m, LadderFusionLayer))
+        self.guard = fusion.install_guard(model.get_submodule(name.rpartition(".")[0]))  # the norm's parent: decoder
         # PEFT's model card lists the base model's tags: mark the adapter as a Ladder one on the Hub.
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
@@ -130,7 +160,7 @@ class LadderModel(BaseTuner):
         return chunked_causal_lm_forward(self.model, chunk_size, *args, **kwargs)
 
     def _loss_chunk_size(self) -> Optional[int]:
-        if self._buffer().active_side() is None:
+        if self.guard is None or self.guard.fusion.active_side() is None:
             return None  # adapter disabled: the plain base model, logits included
         return getattr(self.peft_config.get(self.active_adapters[0]), "loss_chunk_size", None)
 
@@ -147,9 +177,9 @@ class LadderModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
             self._check_merge_allowed()
-        for module in self.model.modules():
-            if isinstance(module, LadderFusionLayer):
-                module.guard.remove()
+        if self.guard is not None:
+            self.guard.fusion.remove_guard()
+            self.guard = None
         return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
 
     @classmethod
