@@ -9,9 +9,20 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registration import LadderPeftType
-from .connections import PRESETS, normalize_connections
+from .connections import PRESETS, check_sizes, normalize_connections
+from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 
 GATES = ("sum", "learned")
+
+
+def _check_positive_int(name: str, value: object, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be {expected}.")
+
+
+def _listed(values: tuple[str, ...], last: str) -> str:
+    """('a', 'b'), "None" -> "'a', 'b' or None": the accepted values as an error message lists them."""
+    return ", ".join(map(repr, values)) + f" or {last}"
 
 
 @dataclass
@@ -82,7 +93,7 @@ class LadderConfig(PeftConfig):
         },
     )
     # --- backbone quantization (QST; docs/quantization.md) -------------------------------------------------------------
-    quantization: Optional[Literal["4bit", "8bit"]] = field(
+    quantization: Optional[Kind] = field(
         default=None,
         metadata={
             "help": "Quantize the frozen backbone's decoder linear layers in place with bitsandbytes, as "
@@ -92,10 +103,10 @@ class LadderConfig(PeftConfig):
             "recorded here, so a saved adapter is reloaded on the same backbone. Needs pip install 'peft-ladder[bnb]'."
         },
     )
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+    bnb_4bit_quant_type: QuantType = field(
         default="nf4", metadata={"help": "4-bit data type: 'nf4' (NormalFloat, QLoRA) or 'fp4'. Only for '4bit'."}
     )
-    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+    bnb_4bit_compute_dtype: Optional[ComputeDtype] = field(
         default=None,
         metadata={
             "help": "Dtype the 4-bit matmuls run in, as a string (JSON-safe); a torch.dtype is accepted and stored "
@@ -135,36 +146,19 @@ class LadderConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ValueError(
-                f"reduction_factor={self.reduction_factor!r} must be a positive integer dividing the hidden size, "
-                "e.g. 8 (LST) or 16 (QST)."
-            )
-        if self.side_layers is not None and (
-            isinstance(self.side_layers, bool) or not isinstance(self.side_layers, int) or self.side_layers < 1
-        ):
-            raise ValueError(f"side_layers={self.side_layers!r} must be a positive integer or None (one per layer).")
+        _check_positive_int("reduction_factor", self.reduction_factor,
+                            "a positive integer dividing the hidden size, e.g. 8 (LST) or 16 (QST)")
+        if self.side_layers is not None:
+            _check_positive_int("side_layers", self.side_layers, "a positive integer or None (one per layer)")
         self.connections = normalize_connections(self.connections)
-        if isinstance(self.connections, dict) and self.side_layers is not None:
-            needed = max(self.connections.values()) + 1
-            if self.side_layers < needed:
-                raise ValueError(
-                    f"side_layers={self.side_layers} is below the {needed} side blocks that connections="
-                    f"{self.connections} uses; set side_layers >= {needed} or leave it unset."
-                )
         if self.xladder_depth is not None:
             if self.connections != "xladder":
                 raise ValueError(
                     f"xladder_depth={self.xladder_depth} only applies to connections='xladder' (got "
                     f"connections={self.connections!r}); remove xladder_depth or use the xladder preset."
                 )
-            if isinstance(self.xladder_depth, bool) or not isinstance(self.xladder_depth, int) or self.xladder_depth < 1:
-                raise ValueError(f"xladder_depth={self.xladder_depth!r} must be a positive integer.")
-            if self.side_layers is not None and self.xladder_depth > self.side_layers:
-                raise ValueError(
-                    f"xladder_depth={self.xladder_depth} exceeds side_layers={self.side_layers}; choose "
-                    f"xladder_depth <= side_layers."
-                )
+            _check_positive_int("xladder_depth", self.xladder_depth, "a positive integer")
+        check_sizes(self.connections, self.side_layers, self.xladder_depth)
         if isinstance(self.gate, str):
             if self.gate not in GATES:
                 raise ValueError(f"gate={self.gate!r} is unknown; use 'sum', 'learned' or a float weight in [0, 1].")
@@ -172,25 +166,24 @@ class LadderConfig(PeftConfig):
             raise ValueError(f"gate={self.gate!r} must be 'sum', 'learned' or a float weight in [0, 1], e.g. 0.5.")
         if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
-        if self.loss_chunk_size is not None and (
-            isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1
-        ):
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of tokens (e.g. 256) "
-                             "or None (the model's own loss, with logits).")
+        if self.loss_chunk_size is not None:
+            _check_positive_int("loss_chunk_size", self.loss_chunk_size, "a positive number of tokens (e.g. 256) or "
+                                "None (the model's own loss, with logits)")
         self._validate_quantization()
 
     def _validate_quantization(self) -> None:
-        if self.quantization not in (None, "4bit", "8bit"):
-            raise ValueError(f"quantization={self.quantization!r} is unknown; use '4bit', '8bit' or None (no "
+        if self.quantization is not None and self.quantization not in KINDS:
+            raise ValueError(f"quantization={self.quantization!r} is unknown; use {_listed(KINDS, 'None')} (no "
                              "quantization).")
-        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use 'nf4' or 'fp4'.")
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use "
+                             f"{_listed(QUANT_TYPES[:-1], repr(QUANT_TYPES[-1]))}.")
         dtype = self.bnb_4bit_compute_dtype
         if dtype is not None and not isinstance(dtype, str):
             dtype = self.bnb_4bit_compute_dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
-        if dtype not in (None, "float32", "bfloat16", "float16"):
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise ValueError(f"bnb_4bit_compute_dtype={dtype!r} is not a float dtype bitsandbytes computes in; use "
-                             "'float32', 'bfloat16', 'float16' or None (the backbone's dtype).")
+                             f"{_listed(COMPUTE_DTYPES, 'None')} (the backbone's dtype).")
         if not isinstance(self.bnb_4bit_use_double_quant, bool):
             raise ValueError(f"bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} must be True or False.")
 

@@ -74,11 +74,29 @@ def default_side_blocks(connections: ConnectionSpec, num_layers: int) -> int:
     return max(connections.values()) + 1
 
 
+def check_sizes(connections: ConnectionSpec, side_blocks: int | None, xladder_depth: int | None) -> None:
+    """The rules between `connections`, `side_layers` and `xladder_depth` that hold whatever the model."""
+    if side_blocks is None:
+        return
+    if isinstance(connections, Mapping) and max(connections.values()) >= side_blocks:
+        needed = max(connections.values()) + 1
+        raise ValueError(
+            f"side_layers={side_blocks} is below the {needed} side blocks that connections={connections} uses; set "
+            f"side_layers >= {needed} or leave it unset."
+        )
+    if connections == "xladder" and xladder_depth is not None and xladder_depth > side_blocks:
+        raise ValueError(
+            f"xladder_depth={xladder_depth} exceeds side_layers={side_blocks}; the first xladder_depth side blocks are "
+            f"the connected ones. Choose xladder_depth <= {side_blocks} or raise side_layers."
+        )
+
+
 def resolve_plan(
     connections: ConnectionSpec, num_layers: int, side_blocks: int | None, xladder_depth: int | None
 ) -> ConnectionPlan:
     """Turn a preset or explicit map into a `ConnectionPlan` for a backbone with `num_layers` layers."""
     connections = normalize_connections(connections)
+    check_sizes(connections, side_blocks, xladder_depth)
     if side_blocks is None:
         side_blocks = default_side_blocks(connections, num_layers)
     if connections == "ladder":
@@ -90,11 +108,6 @@ def resolve_plan(
             raise ValueError(
                 f"xladder_depth={depth} exceeds the backbone's {num_layers} layers; choose xladder_depth <= {num_layers}."
             )
-        if depth > side_blocks:
-            raise ValueError(
-                f"xladder_depth={depth} exceeds side_layers={side_blocks}; the first xladder_depth side blocks are the "
-                f"connected ones. Choose xladder_depth <= {side_blocks} or raise side_layers."
-            )
         # xLadder: the last `depth` backbone layers feed the first `depth` side blocks; the rest add depth.
         block_to_layer = {k: num_layers - depth + k for k in range(depth)}
     else:
@@ -103,11 +116,6 @@ def resolve_plan(
             raise ValueError(
                 f"connections={connections!r} names backbone layers {missing}, but the model has {num_layers} layers "
                 f"(valid: 0..{num_layers - 1})."
-            )
-        if max(connections.values()) >= side_blocks:
-            raise ValueError(
-                f"side_layers={side_blocks} is below the side blocks used in connections={connections!r}; "
-                f"set side_layers >= {max(connections.values()) + 1} or leave it unset."
             )
         block_to_layer = {block: layer for layer, block in connections.items()}
     return ConnectionPlan(num_layers=num_layers, side_blocks=side_blocks, block_to_layer=dict(sorted(block_to_layer.items())))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from peft.utils.integrations import skip_init_on_device
@@ -25,9 +25,13 @@ from torch import nn
 
 MIN_BITSANDBYTES = "0.48"
 INSTALL_HINT = f"pip install 'peft-ladder[bnb]'  (or: pip install 'bitsandbytes>={MIN_BITSANDBYTES}')"
-KINDS = ("4bit", "8bit")
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# The values LadderConfig accepts (its field types and its validation use these).
+Kind = Literal["4bit", "8bit"]
+QuantType = Literal["nf4", "fp4"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+KINDS: tuple[str, ...] = get_args(Kind)
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 # The fields of LadderConfig that describe the backbone's quantization (what is compared and recorded).
 FIELDS = ("quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 

@@ -29,7 +29,7 @@ from torch import nn
 from .connections import ConnectionPlan
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-RMS_EPS = 1e-6
+RMS_EPS = 1e-6  # of the side norm and of rms(h_L), the unit the side output is added in
 
 
 class LadderSideNetwork(nn.Module):
@@ -56,7 +56,7 @@ class LadderSideNetwork(nn.Module):
         self.blocks = nn.ModuleList(
             [block_cls(side_config, layer_idx=plan.num_layers + j) for j in range(plan.side_blocks)]
         )
-        self.norm = nn.RMSNorm(side_width, eps=1e-6)
+        self.norm = nn.RMSNorm(side_width, eps=RMS_EPS)
         self.up = nn.Linear(side_width, hidden_size, bias=False)
         if gate == "learned":
             # LST's gate: mu = sigmoid(a / T), a = 0 at init (an even mix); one per connection, all used every step.
