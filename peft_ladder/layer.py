@@ -1,11 +1,10 @@
 """PEFT tuner layers: a tap around every decoder layer, the fusion point at the final norm, and the no-grad guard.
 
 ```
- decoder (BackboneGuard: autograd off from the embeddings to the final norm's input)
+ decoder (BackboneGuard: autograd off from the embeddings to the final norm's input; starts the ForwardState)
  embed -> [tap 0: layer 0] -> ... -> [tap L-1: layer L-1] -> [fusion: h_L + up(side) -> final norm] -> head
               |                           |                       ^
-              +-- project --> ForwardState <-+-- project          |  side network (caller's grad mode)
-                              (taps, block inputs) ---- take -----+
+              +------- record_tap --------+--> ForwardState -take-+  side network (caller's grad mode)
 ```
 
 The side network of each adapter lives in the fusion layer (`ladder_side`). One `ForwardState`, shared by all layers
