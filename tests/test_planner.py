@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from peft_ladder.benchmark.methods import METHODS, build
-from peft_ladder.benchmark.runner import make_batch, model_config, prepare_checkpoint
-from peft_ladder.memory import SavedTensorCounter, held_tensors
+from benchmarks.models import build, model_config, prepare_checkpoint
+from benchmarks.runner import make_batch
+from peft_ladder.memory import SavedTensorCounter, held_tensors, storage_bytes
+from peft_ladder.methods import METHODS
 from peft_ladder.planner import Shape, estimate, main, saved_activation_bytes
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs")
@@ -42,7 +43,7 @@ def test_trainable_parameters_match_the_real_model(checkpoint, method):
 @pytest.mark.parametrize("method", ["lora", "ladder"])
 def test_weight_bytes_match_the_real_model(checkpoint, method):
     model = _built(checkpoint, method)
-    measured = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in held_tensors(model)}.values())
+    measured = storage_bytes(held_tensors(model))
     predicted = estimate(model_config("tiny"), method).weights
     buffers = sum(b.nbytes for b in model.buffers())  # rotary inv_freq: not modelled, a few hundred bytes
     assert predicted == measured - buffers
