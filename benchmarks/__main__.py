@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"a preset ({', '.join(MODEL_PRESETS)}; random weights), a config.json (random weights) or "
                              "a local model directory / Hub id (its weights). Default: small.")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated methods (see --list-methods). Default: all but "
-                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}, i.e. {','.join(DEFAULT_METHODS)}.")
+                        help="comma-separated methods (see --list-methods). Default: every method except "
+                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}.")
     parser.add_argument("--list-methods", action="store_true", help="print the methods and exit")
     parser.add_argument("--batch-sizes", type=_ints, default=[1], help="comma-separated, default 1")
     parser.add_argument("--seq-lens", type=_ints, default=[256, 512, 1024, 2048], help="comma-separated")

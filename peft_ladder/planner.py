@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Optional, Union
 
 from .backbone import side_config
@@ -119,13 +119,11 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
     if ladder_config is not None:
         chosen.update({name: getattr(ladder_config, name, chosen[name]) for name in SIDE_FIELDS})
     chosen.update((name, value) for name, value in fields.items() if value is not None)
-    fields = chosen
     text_config = _transformers_config(config)
     layers = int(text_config.num_hidden_layers)
-    plan = resolve_plan(fields["connections"], layers, fields["side_layers"], fields["xladder_depth"])
-    blocks = side_config(text_config, layers, plan.side_blocks, fields["reduction_factor"])
-    shape = Shape.from_config(blocks)
-    return Side(plan=plan, shape=Shape(**{**asdict(shape), "layers": plan.side_blocks}), gate=fields["gate"])
+    plan = resolve_plan(chosen["connections"], layers, chosen["side_layers"], chosen["xladder_depth"])
+    blocks = side_config(text_config, layers, plan.side_blocks, chosen["reduction_factor"])
+    return Side(plan=plan, shape=replace(Shape.from_config(blocks), layers=plan.side_blocks), gate=chosen["gate"])
 
 
 @dataclass
