@@ -10,9 +10,10 @@
 
 The models are built from transformers configs with random weights (no download): `smollm2-135m` has
 SmolLM2-135M's shapes (30 layers, width 576, vocab 49,152, tied embeddings), `qwen2.5-0.5b` Qwen2.5-0.5B's.
-bitsandbytes' CPU repacking of 4-bit weights (memory no GPU uses, FINDINGS) is switched off.
+bitsandbytes' CPU repacking of 4-bit weights for AVX512-BF16 CPUs (a second copy of every 4-bit weight, which no GPU
+keeps) is switched off.
 
-    python benchmarks/quantization_memory.py [--model smollm2-135m] [--batch 2] [--length 256] [--out FILE]
+    python -m benchmarks.quantization_memory [--model smollm2-135m] [--batch 2] [--length 256] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_ladder import LadderConfig
-from peft_ladder.memory import held_tensors, saved_bytes, track_peak_memory
+from peft_ladder.memory import held_tensors, measure_training_step, saved_bytes, storage_bytes
 from peft_ladder.quantization import LadderQuantizationWarning, quantize_in_place
+
+from .models import gpu_faithful_bitsandbytes
 
 MODELS = {
     "smollm2-135m": lambda: tf.LlamaConfig(
@@ -61,35 +64,17 @@ def build(model_name: str, dtype: torch.dtype, kind) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LadderQuantizationWarning)
             quantize_in_place(model, fields)
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False  # GPU-faithful: no CPU-only repacked weight copies
+    gpu_faithful_bitsandbytes(model)  # no CPU-only repacked weight copies
     return model
-
-
-def storage_bytes(tensors, seen: set) -> int:
-    total = 0
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def parameter_bytes(model: nn.Module) -> dict:
     """Bytes of the decoder's linear layers (with their quantization constants) and of everything else."""
-    seen: set = set()
-    linear = other = 0
-    for name, module in model.named_modules():
-        if list(module.children()):
-            continue
-        size = storage_bytes(held_tensors(module), seen)
-        if isinstance(module, nn.Linear) and ".layers." in name:  # Linear4bit / Linear8bitLt subclass nn.Linear
-            linear += size
-        else:
-            other += size
-    return {"decoder_linear_bytes": linear, "other_bytes": other, "total_bytes": linear + other}
+    linear = [tensor for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and ".layers." in name  # Linear4bit / Linear8bitLt subclass nn.Linear
+              for tensor in held_tensors(module)]
+    linear_bytes, total = storage_bytes(linear), storage_bytes(held_tensors(model))
+    return {"decoder_linear_bytes": linear_bytes, "other_bytes": total - linear_bytes, "total_bytes": total}
 
 
 def peft_config(method: str):
@@ -113,16 +98,11 @@ def training_step(model_name: str, method: str, inputs: dict) -> dict:
               "trainable_dtype": str(trainable[0].dtype)}
     for step in (1, 2):
         cpu_start = time.process_time()
-        with track_peak_memory(model=model, optimizer=optimizer, tensors=inputs.values()) as peak:
-            loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
-        record[f"step{step}"] = {"peak_bytes": peak.peak_bytes, "baseline_bytes": peak.baseline_bytes,
+        measured = measure_training_step(model, optimizer, inputs)
+        record[f"step{step}"] = {"peak_bytes": measured.peak_bytes, "baseline_bytes": measured.baseline_bytes,
                                  "cpu_seconds": round(time.process_time() - cpu_start, 2)}
-    record["saved_for_backward_bytes"] = saved_bytes(model, inputs)
-    record["method_of_measurement"] = peak.method
+    record["saved_for_backward_bytes"] = saved_bytes(model, inputs)  # forward only: no checkpoint recompute counted
+    record["method_of_measurement"] = measured.method
     return record
 
 

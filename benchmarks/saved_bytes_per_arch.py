@@ -3,7 +3,7 @@
 The device-independent M3 figure (activations kept for backward), measured with
 `torch.autograd.graph.saved_tensors_hooks` on the tiny models the tests use (4 layers, width 64, vocab 96).
 
-    python benchmarks/saved_bytes_per_arch.py [--batch 2] [--length 128]
+    python -m benchmarks.saved_bytes_per_arch [--batch 2] [--length 128]
 """
 
 from __future__ import annotations

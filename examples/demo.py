@@ -108,23 +108,6 @@ def train_step(model, optimizer, batch: dict) -> float:
     return loss.item()
 
 
-def measured_step(model, optimizer, batch: dict) -> tuple[int, int]:
-    """One training step, returning (peak tensor bytes of the whole step, activation bytes saved for backward).
-
-    The peak counts everything the step holds (weights, gradients, optimizer state, activations, logits) with
-    `track_peak_memory`, the CPU analogue of `torch.cuda.max_memory_allocated`; saved-for-backward bytes are the
-    activations alone, the term Ladder cuts.
-    """
-    saved = ladder_memory.SavedTensorCounter(model)
-    with ladder_memory.track_peak_memory(model=model, optimizer=optimizer, tensors=list(batch.values())) as peak:
-        with saved.track():
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return peak.peak_bytes, saved.bytes
-
-
 @dataclass
 class Result:
     method: str
@@ -150,7 +133,8 @@ def run_method(method: str, workload: Workload, lr: float, seed: int = 0) -> Res
     times, cpu_times, peak, saved = [], [], 0, 0
     for step, batch in enumerate(workload.train_batches):
         if step == 1:  # AdamW creates its state in the first step: the second one shows the steady-state peak
-            peak, saved = measured_step(model, optimizer, batch)  # (not timed: the tracker slows every op)
+            measured = ladder_memory.measure_training_step(model, optimizer, batch)  # not timed: the tracker is slow
+            peak, saved = measured.peak_bytes, measured.saved_bytes
             continue
         start, cpu_start = time.perf_counter(), time.process_time()
         train_step(model, optimizer, batch)

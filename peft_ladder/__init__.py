@@ -4,16 +4,30 @@ Importing this package registers the LADDER tuner with PEFT, so `get_peft_model(
 `PeftModel.from_pretrained` and the rest of PEFT's API work with Ladder adapters.
 """
 
-from . import hub
-from ._registration import LadderPeftType, register
-from .config import LadderConfig
-from .connections import ConnectionPlan, resolve_plan
-from .model import LadderModel
-from .side_network import LadderSideNetwork
+import sys
 
 __version__ = "0.1.0.dev0"
 
-register(LadderConfig, LadderModel)
-hub.install()
+
+def _running_the_planner() -> bool:
+    # `python -m peft_ladder.planner` plans from a config alone and never calls PEFT. Registering would import PEFT
+    # and, through it, bitsandbytes (seconds of start-up and warnings about CPU kernels). While `-m` locates its
+    # module, which imports this package, Python sets sys.argv[0] to "-m" (documented under `python -m`);
+    # sys.orig_argv names the module. Every other import of this package registers.
+    if getattr(sys, "argv", [])[:1] != ["-m"]:
+        return False
+    return any(arg in ("peft_ladder.planner", "-mpeft_ladder.planner") for arg in getattr(sys, "orig_argv", []))
+
+
+if not _running_the_planner():
+    from . import hub
+    from ._registration import LadderPeftType, register
+    from .config import LadderConfig
+    from .connections import ConnectionPlan, resolve_plan
+    from .model import LadderModel
+    from .side_network import LadderSideNetwork
+
+    register(LadderConfig, LadderModel)
+    hub.install()
 
 __all__ = ["LadderConfig", "LadderModel", "LadderPeftType", "LadderSideNetwork", "ConnectionPlan", "resolve_plan"]

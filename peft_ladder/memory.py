@@ -2,6 +2,8 @@
 
 * `saved_bytes` / `SavedTensorCounter`: the activations autograd keeps for backward (the paper's M3 term),
   independent of device and allocator.
+* `measure_training_step`: one optimizer step under both of the above, the figures the benchmarks and the demo report.
+* `storage_bytes`: the bytes a set of tensors holds, each underlying storage counted once.
 * `track_peak_memory`: peak allocated tensor memory over a region (typically one full optimizer step). On CUDA it is
   `torch.cuda.max_memory_allocated`. On CPU (and under `FakeTensorMode`) it is a `TorchDispatchMode` that keeps the
   live tensor storages and the peak of their summed bytes: process RSS reads 13-56% above what tensors hold and moves
@@ -13,7 +15,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -182,6 +184,16 @@ def _attached_tensors(param: torch.Tensor) -> list[torch.Tensor]:
     return found
 
 
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by `tensors`, each distinct storage counted once at its full size (views, tied weights and
+    bitsandbytes' packed buffers share storages). Storages are kept alive while counting, so no id is reused."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages.setdefault(id(storage), storage)
+    return sum(storage.nbytes() for storage in storages.values())
+
+
 def _resolve_device(device: Union[str, torch.device, None], model: Optional[nn.Module]) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -253,4 +265,56 @@ def _track_cuda(device: torch.device) -> Iterator[PeakMemory]:
         result.end_bytes = torch.cuda.memory_allocated(device)
 
 
-__all__ = ["PeakMemory", "SavedTensorCounter", "held_tensors", "saved_bytes", "track_peak_memory"]
+# --- one training step, measured -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMeasurement:
+    """What `measure_training_step` measured: peak and entry bytes as `PeakMemory`, M3 as `SavedTensorCounter`."""
+
+    peak_bytes: int
+    baseline_bytes: int
+    saved_bytes: int
+    loss: float
+    method: str  # how the peak was measured (`PeakMemory.method`)
+
+
+def measure_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *,
+                          device: Union[str, torch.device, None] = None,
+                          loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> StepMeasurement:
+    """Run one training step (forward, backward, `optimizer.step()`, `zero_grad`) and measure its peak memory and
+    the activations saved for backward.
+
+    The peak counts everything the step holds (weights, gradients, optimizer state, activations, logits) with
+    `track_peak_memory`, starting from `model`, `optimizer` and `batch`; measure a step after the first one, since
+    AdamW creates its state in the first. `loss_fn(model, batch)` returns the loss; default `model(**batch).loss`.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from peft_ladder.memory import measure_training_step
+    >>> model = torch.nn.Linear(4, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> step = measure_training_step(model, optimizer, {"input": torch.ones(2, 4)},
+    ...                              loss_fn=lambda m, batch: m(**batch).sum())
+    >>> step.peak_bytes >= step.baseline_bytes > 0
+    True
+
+    ```
+    """
+    loss_fn = loss_fn or (lambda m, inputs: m(**inputs).loss)
+    counter = SavedTensorCounter(model)
+    with track_peak_memory(device, model=model, optimizer=optimizer, tensors=list(batch.values())) as peak:
+        with counter.track():
+            loss = loss_fn(model, batch)  # the output (and its logits) is dropped before backward, as Trainer does
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.detach().float().item()
+    return StepMeasurement(peak_bytes=peak.peak_bytes, baseline_bytes=peak.baseline_bytes, saved_bytes=counter.bytes,
+                           loss=value, method=peak.method)
+
+
+__all__ = ["PeakMemory", "SavedTensorCounter", "StepMeasurement", "held_tensors", "measure_training_step",
+           "saved_bytes", "storage_bytes", "track_peak_memory"]

@@ -5,11 +5,14 @@ Peak = M1 weights + M2 optimizer state (+ gradients and the optimizer's scratch)
 tensors autograd saves per token in transformers' Llama-family decoder layers (Llama, Qwen2/2.5/3, Mistral: gated MLP,
 RMSNorm, rotary, grouped-query attention) with flash / memory-efficient SDPA (no sequence x sequence term), PEFT's
 LoRA (adapters in fp32, inputs cast to fp32) and this package's side network; they were checked tensor by tensor
-against `peft_ladder.memory.SavedTensorCounter` and the whole prediction against `python -m peft_ladder.benchmark`
-(docs/benchmarks.md states the error). Not modelled: allocator rounding and fragmentation (CUDA reserves more than it
+against `peft_ladder.memory.SavedTensorCounter` and the whole prediction against `python -m benchmarks`
+(`--validate`; docs/benchmarks.md states the error). The side network's shape comes from the tuner's own rules:
+`connections.resolve_plan` for the blocks and taps, `backbone.side_config` for the block width and heads. Not modelled: allocator rounding and fragmentation (CUDA reserves more than it
 allocates), CUDA context / cuBLAS workspaces (about 0.5-1 GiB), kernels' internal scratch.
 
-    python -m peft_ladder.planner --config benchmarks/configs/qwen2.5-7b.json --seq-len 2048 --fit
+    python -m peft_ladder.planner --config benchmarks/configs/qwen2.5-7b.json --seq-len 2048
+
+This module imports neither PEFT nor bitsandbytes: a plan needs a config, not the training stack.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Optional, Union
 
-from .benchmark.methods import DEFAULT_METHODS, LORA_R, METHODS, Method
+from .backbone import side_config
+from .connections import ConnectionPlan, resolve_plan
+from .methods import DEFAULT_METHODS, LORA_R, METHODS, Method, get_method
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit")
 CARDS_GB = (8, 12, 24, 48, 80)
+# The LadderConfig fields the side network's size depends on, and LadderConfig's defaults for them.
+SIDE_FIELDS = {"reduction_factor": 8, "side_layers": None, "connections": "ladder", "xladder_depth": None, "gate": "sum"}
 
 
 @dataclass(frozen=True)
@@ -71,13 +78,52 @@ class Shape:
         d, i = self.hidden, self.intermediate
         return [(d, self.q), (d, self.kv), (d, self.kv), (self.q, d), (d, i), (d, i), (i, d)]
 
-    def side(self, reduction_factor: int) -> "Shape":
-        """The side blocks' shape (backbone.side_config): width d / r, the backbone's head size, MLP width I / r."""
-        width = self.hidden // reduction_factor
-        heads = max(1, width // self.head_dim)
-        return Shape(hidden=width, layers=self.layers, heads=heads, kv_heads=heads, head_dim=self.head_dim,
-                     intermediate=max(1, self.intermediate // reduction_factor), vocab=self.vocab,
-                     qkv_bias=self.qkv_bias)
+
+@dataclass(frozen=True)
+class Side:
+    """A Ladder side network as the tuner builds it: the plan (blocks, taps) and the blocks' shape."""
+
+    plan: ConnectionPlan
+    shape: Shape  # one side block; `layers` is the number of blocks
+    gate: Union[str, float]
+
+    @property
+    def taps(self) -> int:
+        return len(self.plan.tap_indices)
+
+
+def _transformers_config(config):
+    """A transformers config object from a config, a config dict or a config.json path (no weights)."""
+    if isinstance(config, str):
+        with open(config) as handle:
+            config = json.load(handle)
+    if isinstance(config, dict):
+        from transformers import AutoConfig
+
+        fields = dict(config)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def side_network(config, method: Method, ladder_config: Any = None, **fields: Any) -> Side:
+    """The side network `method` trains on `config`: `resolve_plan` and `side_config`, as `LadderModel` calls them.
+
+    Starts from the method's connections and LadderConfig's defaults; `ladder_config` (a `LadderConfig`, or any
+    object with some of its fields) and then keyword `fields` that are not None override reduction_factor,
+    side_layers, connections, xladder_depth and gate."""
+    unknown = sorted(set(fields) - set(SIDE_FIELDS))
+    if unknown:
+        raise ValueError(f"{unknown} are not side-network fields; the planner reads {sorted(SIDE_FIELDS)}.")
+    chosen = {**SIDE_FIELDS, "connections": method.connections}
+    chosen.update((name, value) for name, value in method.ladder_options if name in SIDE_FIELDS)
+    if ladder_config is not None:
+        chosen.update({name: getattr(ladder_config, name, chosen[name]) for name in SIDE_FIELDS})
+    chosen.update((name, value) for name, value in fields.items() if value is not None)
+    text_config = _transformers_config(config)
+    layers = int(text_config.num_hidden_layers)
+    plan = resolve_plan(chosen["connections"], layers, chosen["side_layers"], chosen["xladder_depth"])
+    blocks = side_config(text_config, layers, plan.side_blocks, chosen["reduction_factor"])
+    return Side(plan=plan, shape=replace(Shape.from_config(blocks), layers=plan.side_blocks), gate=chosen["gate"])
 
 
 @dataclass
@@ -115,14 +161,13 @@ def _quantized_bytes(params: int, rows: int, kind: Optional[str], dtype_bytes: i
     return params * dtype_bytes
 
 
-def _side_params(shape: Shape, method: Method, reduction_factor: int) -> tuple[int, int]:
-    """(trainable side parameters, frozen down-projection parameters)."""
-    side = shape.side(reduction_factor)
-    d, ds = shape.hidden, side.hidden
-    taps = shape.layers + 1 if method.connections == "ladder" else shape.layers // 2 + 1
-    down = taps * (d * ds + ds)
-    block = _linear_params(side) + 2 * ds
-    trainable = shape.layers * block + ds + ds * d + (0 if method.freeze_down else down)
+def _side_params(shape: Shape, side: Side, method: Method) -> tuple[int, int]:
+    """(trainable side parameters, frozen down-projection parameters), counted as `LadderSideNetwork` builds them."""
+    d, ds = shape.hidden, side.shape.hidden
+    down = side.taps * (d * ds + ds)
+    block = _linear_params(side.shape) + 2 * ds
+    gates = len(side.plan.block_to_layer) if side.gate == "learned" else 0
+    trainable = side.shape.layers * block + ds + ds * d + gates + (0 if method.freeze_down else down)
     return trainable, down if method.freeze_down else 0
 
 
@@ -154,7 +199,7 @@ def _side_block_saved(side: Shape, s: int) -> int:
     return s * (7 * ds + 4 * i + 2 * side.q + 2 * side.kv + o_input) + 4 * side.heads + 12
 
 
-def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, reduction_factor: int) -> tuple[int, int]:
+def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, side: Optional[Side]) -> tuple[int, int]:
     """(M3: bytes saved for backward at the end of the forward pass, the logits' log-softmax excluded;
     the extra bytes a checkpointed layer rebuilds during backward)."""
     d, L = shape.hidden, shape.layers
@@ -166,24 +211,30 @@ def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, reductio
         per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
         recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
     else:
-        side, s = shape.side(reduction_factor), (b if spec.side_in_backbone_dtype else 4)
-        taps = shape.layers + 1 if spec.connections == "ladder" else shape.layers // 2 + 1
+        s = b if spec.side_in_backbone_dtype else 4
         tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
-        per_token = taps * tap_bytes + L * _side_block_saved(side, s) + 2 * 4 * d
+        mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
+        per_token = (side.taps * tap_bytes + side.shape.layers * _side_block_saved(side.shape, s)
+                     + mixes * 2 * s * side.shape.hidden + 2 * 4 * d)
     return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
 
 
 def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
-             optimizer: str = "adamw", reduction_factor: int = 8, loss_chunk_size: Optional[int] = "method") -> Estimate:
-    """Predict peak training memory of `method` (a `python -m peft_ladder.benchmark` method name) for `config`
-    (a transformers config, a config dict or a config.json path). `loss_chunk_size="method"` uses the method's."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHODS)}.")
+             optimizer: str = "adamw", reduction_factor: Optional[int] = None,
+             loss_chunk_size: Union[int, None, Literal["method"]] = "method", ladder_config: Any = None) -> Estimate:
+    """Predict peak training memory of `method` (a name in `peft_ladder.methods.METHODS`) for `config` (a
+    transformers config, a config dict or a config.json path).
+
+    `loss_chunk_size="method"` uses the method's. For Ladder methods, `ladder_config` (a `LadderConfig` or any
+    object with its fields) sets the side network (see `side_network`); `reduction_factor`, when given, overrides
+    its reduction factor."""
+    spec = get_method(method)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
     if dtype not in BYTES:
         raise ValueError(f"dtype={dtype!r} is unknown; choose one of {sorted(BYTES)}.")
-    spec, shape, b = METHODS[method], Shape.from_config(config), BYTES[dtype]
+    shape, b = Shape.from_config(config), BYTES[dtype]
+    side = _side(config, spec, ladder_config, reduction_factor)
     chunk = spec.loss_chunk_size if loss_chunk_size == "method" else loss_chunk_size
     tokens, d, V, L = batch_size * seq_len, shape.hidden, shape.vocab, shape.layers
     linear = L * _linear_params(shape)
@@ -196,7 +247,7 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
     elif spec.kind == "lora":
         trainable, param_bytes = L * sum(LORA_R * (i + o) for i, o in shape.linear_shapes()), 4
     else:
-        trainable, frozen_down = _side_params(shape, spec, reduction_factor)
+        trainable, frozen_down = _side_params(shape, side, spec)
         param_bytes = b if spec.side_in_backbone_dtype else 4
         weights += frozen_down * param_bytes
     if spec.kind != "full":
@@ -204,9 +255,9 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
     state = 2 * trainable * (param_bytes if optimizer == "adamw" else 1 + 8 / 256)
     grads = trainable * param_bytes
 
-    activations, recompute = _saved_activations(shape, spec, tokens, b, reduction_factor)
+    activations, recompute = _saved_activations(shape, spec, tokens, b, side)
     if chunk is None:
-        logits = tokens * V * 12  # bf16 logits, fp32 copy, log-softmax output, its gradient (FINDINGS)
+        logits = tokens * V * 12  # bf16 logits, their fp32 copy, the log-softmax output and its gradient
     else:
         logits = min(chunk, tokens) * V * 6 + 2 * tokens * d * b  # one chunk (bf16 + fp32) + hidden-state gradients
     logits = max(logits, recompute)  # with checkpointing, the backward's recompute can peak above the loss
@@ -225,10 +276,17 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
 
 
 def saved_activation_bytes(config, method: str, batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
-                           reduction_factor: int = 8) -> int:
+                           reduction_factor: Optional[int] = None, ladder_config: Any = None) -> int:
     """M3 alone: what autograd keeps for backward (the loss's log-softmax output excluded), wherever the peak falls."""
-    shape = Shape.from_config(config)
-    return _saved_activations(shape, METHODS[method], batch_size * seq_len, BYTES[dtype], reduction_factor)[0]
+    spec = get_method(method)
+    side = _side(config, spec, ladder_config, reduction_factor)
+    return _saved_activations(Shape.from_config(config), spec, batch_size * seq_len, BYTES[dtype], side)[0]
+
+
+def _side(config, spec: Method, ladder_config: Any, reduction_factor: Optional[int]) -> Optional[Side]:
+    if spec.kind != "ladder":
+        return None
+    return side_network(config, spec, ladder_config, reduction_factor=reduction_factor)
 
 
 def fits(config, cards_gb=CARDS_GB, methods=DEFAULT_METHODS, **kwargs) -> dict[str, dict[int, bool]]:
@@ -255,57 +313,31 @@ def markdown(config, methods=DEFAULT_METHODS, cards_gb=CARDS_GB, **kwargs) -> st
     return "\n".join(lines)
 
 
-def validate(results_path: str) -> list[dict]:
-    """Predicted against measured peak memory for every run of a `python -m peft_ladder.benchmark` results.json."""
-    from .benchmark.runner import model_config
-
-    with open(results_path) as handle:
-        results = json.load(handle)
-    args = results["args"]
-    config = model_config(args["model"])
-    rows = []
-    for record in results["methods"]:
-        if record["method"] not in METHODS:
-            continue
-        for run in record.get("runs", []):
-            if "error" in run:
-                continue
-            e = estimate(config, record["method"], run["batch_size"], run["seq_len"], args["dtype"])
-            rows.append({"method": record["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"],
-                         "predicted_bytes": e.total, "measured_bytes": run["peak_bytes"],
-                         "error": e.total / run["peak_bytes"] - 1})
-    return rows
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_ladder.planner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a config.json (a model directory's, or benchmarks/configs/)")
-    parser.add_argument("--validate", metavar="RESULTS_JSON",
-                        help="compare predictions with a benchmark results.json instead (prints the error per run)")
-    parser.add_argument("--method", default=None, help=f"one of {sorted(METHODS)}; default: all benchmark methods")
+    parser.add_argument("--method", default=None, help=f"one of {sorted(METHODS)}; default: {', '.join(DEFAULT_METHODS)}")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--reduction-factor", type=int, default=8, help="Ladder's r (LadderConfig.reduction_factor)")
+    parser.add_argument("--side-layers", type=int, default=None, help="LadderConfig.side_layers (default: one per "
+                        "backbone layer)")
+    parser.add_argument("--xladder-depth", type=int, default=None, help="LadderConfig.xladder_depth (xladder methods)")
+    parser.add_argument("--gate", default="sum", help="LadderConfig.gate: sum, learned or a float weight")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
-    if args.validate:
-        rows = validate(args.validate)
-        print("| method | batch | seq | predicted MiB | measured MiB | error |\n| --- | --- | --- | --- | --- | --- |")
-        for row in rows:
-            print(f"| {row['method']} | {row['batch_size']} | {row['seq_len']} | {row['predicted_bytes'] / 2**20:.1f} | "
-                  f"{row['measured_bytes'] / 2**20:.1f} | {row['error']:+.1%} |")
-        worst = max(rows, key=lambda row: abs(row["error"]))
-        print(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%}, worst {worst['error']:+.1%} "
-              f"({worst['method']}, seq {worst['seq_len']})")
-        return 0
     if not args.config:
-        parser.error("--config is required (or --validate RESULTS_JSON)")
+        parser.error("--config is required (a config.json or a model directory)")
     config = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
     methods = [args.method] if args.method else list(DEFAULT_METHODS)
+    gate = args.gate if args.gate in ("sum", "learned") else float(args.gate)
     kwargs = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
                   reduction_factor=args.reduction_factor)
+    if (args.side_layers, args.xladder_depth, gate) != (None, None, "sum"):
+        kwargs["ladder_config"] = argparse.Namespace(side_layers=args.side_layers, xladder_depth=args.xladder_depth,
+                                                     gate=gate)
     if args.json:
         print(json.dumps([{**asdict(estimate(config, m, **kwargs)), "gib": estimate(config, m, **kwargs).gib()}
                           for m in methods], indent=1))

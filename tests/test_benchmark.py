@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from peft_ladder.benchmark.__main__ import main, parse_args
-from peft_ladder.benchmark.report import markdown_table, ratio
-from peft_ladder.benchmark.runner import prepare_checkpoint, run_in_subprocess, run_method
+from benchmarks.__main__ import main, parse_args
+from benchmarks.models import prepare_checkpoint
+from benchmarks.report import markdown_table, ratio
+from benchmarks.runner import run_in_subprocess, run_method
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from peft_ladder.benchmark.methods import METHODS, build
-from peft_ladder.benchmark.runner import make_batch, model_config, prepare_checkpoint
-from peft_ladder.memory import SavedTensorCounter, held_tensors
+from benchmarks.models import build, model_config, prepare_checkpoint
+from benchmarks.runner import make_batch
+from peft_ladder.memory import SavedTensorCounter, held_tensors, storage_bytes
+from peft_ladder.methods import METHODS
 from peft_ladder.planner import Shape, estimate, main, saved_activation_bytes
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs")
@@ -42,7 +46,7 @@ def test_trainable_parameters_match_the_real_model(checkpoint, method):
 @pytest.mark.parametrize("method", ["lora", "ladder"])
 def test_weight_bytes_match_the_real_model(checkpoint, method):
     model = _built(checkpoint, method)
-    measured = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in held_tensors(model)}.values())
+    measured = storage_bytes(held_tensors(model))
     predicted = estimate(model_config("tiny"), method).weights
     buffers = sum(b.nbytes for b in model.buffers())  # rotary inv_freq: not modelled, a few hundred bytes
     assert predicted == measured - buffers
@@ -81,3 +85,58 @@ def test_cli_prints_every_method(capsys):
     table = capsys.readouterr().out
     for method in ("full", "qlora-gc", "ladder-4bit"):
         assert f"| {method} |" in table
+
+
+SIDE_CASES = {
+    "defaults": dict(),
+    "side_layers": dict(side_layers=2),
+    "xladder_depth": dict(connections="xladder", side_layers=4, xladder_depth=3),
+    "explicit map": dict(connections={0: 0, 3: 2}),
+    "learned gate": dict(gate="learned"),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", list(SIDE_CASES))
+def test_side_network_prediction_follows_the_built_module(arch, case):
+    from peft import get_peft_model
+
+    from conftest import tiny_causal_lm
+    from peft_ladder import LadderConfig
+
+    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, **SIDE_CASES[case])
+    model = get_peft_model(tiny_causal_lm(arch), config)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    predicted = estimate(model.config, "ladder", ladder_config=config).trainable_params
+    assert predicted == real
+
+
+def test_side_options_change_the_prediction_in_the_right_direction():
+    config = os.path.join(CONFIGS, "qwen2.5-7b.json")
+    default = estimate(config, "ladder")
+    fewer = estimate(config, "ladder", ladder_config=argparse.Namespace(side_layers=14))
+    shallow = estimate(config, "xladder", ladder_config=argparse.Namespace(xladder_depth=4))
+    assert fewer.trainable_params < default.trainable_params and fewer.activations < default.activations
+    assert shallow.trainable_params < estimate(config, "xladder").trainable_params
+    assert estimate(config, "ladder", reduction_factor=16).trainable_params < default.trainable_params
+
+
+def test_unknown_method_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"method='dora' is unknown; choose one of \[.*'ladder'"):
+        saved_activation_bytes(model_config("tiny"), "dora")
+
+
+def test_cli_imports_neither_peft_nor_bitsandbytes():
+    # `python -m peft_ladder.planner` plans from a config alone: the training stack, and bitsandbytes' start-up
+    # warning about CPU kernels, have no business there.
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    command = [sys.executable, "-X", "importtime", "-m", "peft_ladder.planner", "--config",
+               "benchmarks/configs/qwen2.5-7b.json", "--seq-len", "2048"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300,
+                            env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr
+    assert "| ladder-4bit |" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert "transformers" in imported  # the -X importtime report was read
+    assert not {"peft", "bitsandbytes"} & imported
+    assert "kernels-community" not in result.stdout + result.stderr

@@ -1,11 +1,12 @@
-"""`python -m peft_ladder.benchmark`: train the same model on the same batches with each method and compare.
+"""`python -m benchmarks`: train the same model on the same batches with each method and compare.
 
-Example (CPU, a few minutes):
+Example (CPU, a few minutes; run from the repository root):
 
-    python -m peft_ladder.benchmark --model small --seq-lens 256,512,1024,2048 --out benchmarks/results/small-cpu
+    python -m benchmarks --model small --seq-lens 256,512,1024,2048 --out benchmarks/results/small-cpu
 
 Writes `results.json` (environment, arguments, every measurement), `results.md` (the table) and `results.png`
-(peak memory and step time against sequence length) into `--out`.
+(peak memory and step time against sequence length) into `--out`. `--validate RESULTS_JSON` compares the planner's
+predictions (`python -m peft_ladder.planner`) with such a run instead.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .methods import DEFAULT_METHODS, METHODS
+from peft_ladder.methods import DEFAULT_METHODS, METHODS
+
+from .models import MODEL_PRESETS, prepare_checkpoint
 from .report import markdown_table, plot
-from .runner import PRESETS, environment, prepare_checkpoint, run_generation, run_in_subprocess, run_method
+from .runner import environment, run_generation, run_in_subprocess, run_method
+from .validate import validate, validation_table
 
 
 def _ints(text: str) -> list[int]:
@@ -29,13 +33,14 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m peft_ladder.benchmark", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small",
-                        help=f"a preset ({', '.join(PRESETS)}; random weights), a config.json (random weights) or "
+                        help=f"a preset ({', '.join(MODEL_PRESETS)}; random weights), a config.json (random weights) or "
                              "a local model directory / Hub id (its weights). Default: small.")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated methods (see --list-methods). Default: all but xladder-4bit.")
+                        help="comma-separated methods (see --list-methods). Default: every method except "
+                        f"{', '.join(m for m in METHODS if m not in DEFAULT_METHODS)}.")
     parser.add_argument("--list-methods", action="store_true", help="print the methods and exit")
     parser.add_argument("--batch-sizes", type=_ints, default=[1], help="comma-separated, default 1")
     parser.add_argument("--seq-lens", type=_ints, default=[256, 512, 1024, 2048], help="comma-separated")
@@ -56,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "Ladder adapter (its side KV cache). Default 0: skip.")
     parser.add_argument("--report", metavar="RESULTS_JSON", default=None,
                         help="only rewrite results.md and results.png next to an existing results.json")
+    parser.add_argument("--validate", metavar="RESULTS_JSON", default=None,
+                        help="only print the planner's predictions against the peak memory measured in a results.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method spec
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -77,6 +84,9 @@ def main(argv=None) -> int:
         with open(args.report) as handle:
             results = json.load(handle)
         write_reports(results, os.path.dirname(os.path.abspath(args.report)))
+        return 0
+    if args.validate:
+        print(validation_table(validate(args.validate)))
         return 0
     if args.list_methods:
         for name, method in METHODS.items():
@@ -103,8 +113,8 @@ def main(argv=None) -> int:
             generation = run_in_subprocess({**base, "method": "generation", "prompt_len": 32,
                                             "new_tokens": args.generate}, args.timeout)
     results = {"environment": environment(torch.device(args.device)),
-               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "list_methods")},
-               "command": "python -m peft_ladder.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+               "args": {k: v for k, v in vars(args).items() if k not in ("worker", "list_methods", "validate")},
+               "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
                "methods": records, "generation": generation}
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)

@@ -22,46 +22,13 @@ from typing import Optional
 
 import torch
 
-from ..memory import SavedTensorCounter, held_tensors, track_peak_memory
-from .methods import METHODS, build, external_chunk_size
+from peft_ladder.loss import chunked_causal_lm_forward
+from peft_ladder.memory import held_tensors, measure_training_step, storage_bytes
+from peft_ladder.methods import METHODS
 
-# Built-in models (transformers configs, random weights): no download needed.
-PRESETS = {
-    # For tests: seconds per method.
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024),
-    # Qwen2.5-7B's proportions (MLP 5.3x hidden, GQA, vocab / hidden = 42, untied head) scaled down to run on a CPU.
-    # A Llama config (explicit head_dim) rather than Qwen2's, whose side blocks do not keep the rotary head size.
-    "small": dict(model_type="llama", hidden_size=256, intermediate_size=1344, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=10880),
-}
+from .models import build, external_chunk_size
 
-
-def model_config(model: str):
-    """A transformers config from a preset name, a config.json file or a model directory."""
-    from transformers import AutoConfig
-
-    if model in PRESETS:
-        fields = dict(PRESETS[model])
-        return AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=32768, tie_word_embeddings=False,
-                                    **fields)
-    if os.path.isfile(model):
-        with open(model) as handle:
-            fields = json.load(handle)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    return AutoConfig.from_pretrained(model)
-
-
-def prepare_checkpoint(model: str, workdir: str, seed: int = 0) -> str:
-    """A directory every method loads from: `model` itself if it holds weights, else random weights saved once."""
-    if os.path.isdir(model) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model)):
-        return model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(model_config(model)).save_pretrained(workdir)
-    return workdir
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: workers run `-m benchmarks`
 
 def make_batch(vocab_size: int, batch_size: int, seq_len: int, device, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed + 1000 * seq_len + batch_size)
@@ -70,16 +37,18 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, device, seed: int
 
 
 def train_step(model, batch: dict, optimizer, chunk_size: Optional[int]) -> float:
-    if chunk_size is None:
-        loss = model(**batch).loss  # the output (and its logits) is dropped before backward, as Trainer does
-    else:
-        from ..loss import chunked_causal_lm_forward
-
-        loss = chunked_causal_lm_forward(model, chunk_size, **batch).loss
+    """One unmeasured step (warm-up and timing), the same work `measure_training_step` does."""
+    loss = _loss_fn(chunk_size)(model, batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach().float().item()
+
+
+def _loss_fn(chunk_size: Optional[int]):
+    if chunk_size is None:
+        return lambda model, batch: model(**batch).loss  # the output (and its logits) is dropped before backward
+    return lambda model, batch: chunked_causal_lm_forward(model, chunk_size, **batch).loss
 
 
 class _Clock:
@@ -96,16 +65,6 @@ class _Clock:
         return time.process_time()
 
 
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if id(storage) not in seen:
-            seen.add(id(storage))
-            total += storage.nbytes()
-    return total
-
-
 def measure(model, optimizer, batch: dict, steps: int, chunk_size: Optional[int], device: torch.device) -> dict:
     clock = _Clock(device)
     train_step(model, batch, optimizer, chunk_size)  # warm-up: optimizer state appears
@@ -114,17 +73,15 @@ def measure(model, optimizer, batch: dict, steps: int, chunk_size: Optional[int]
         start = clock.now()
         train_step(model, batch, optimizer, chunk_size)
         times.append(clock.now() - start)
-    counter = SavedTensorCounter(model)
-    with track_peak_memory(device, model=model, optimizer=optimizer, tensors=list(batch.values())) as peak:
-        with counter.track():
-            loss = train_step(model, batch, optimizer, chunk_size)
+    step = measure_training_step(model, optimizer, batch, device=device, loss_fn=_loss_fn(chunk_size))
     median = statistics.median(times)
     tokens = batch["input_ids"].numel()
     return {
-        "peak_bytes": peak.peak_bytes, "baseline_bytes": peak.baseline_bytes, "memory_method": peak.method,
-        "weights_bytes": _bytes(held_tensors(model)), "optimizer_bytes": _bytes(held_tensors(optimizer=optimizer)),
-        "saved_bytes": counter.bytes, "step_time_s": median, "step_times_s": times, "time_method": clock.method,
-        "tokens_per_s": tokens / median if median > 0 else None, "final_loss": loss,
+        "peak_bytes": step.peak_bytes, "baseline_bytes": step.baseline_bytes, "memory_method": step.method,
+        "weights_bytes": storage_bytes(held_tensors(model)),
+        "optimizer_bytes": storage_bytes(held_tensors(optimizer=optimizer)), "saved_bytes": step.saved_bytes,
+        "step_time_s": median, "step_times_s": times, "time_method": clock.method,
+        "tokens_per_s": tokens / median if median > 0 else None, "final_loss": step.loss,
     }
 
 
@@ -192,7 +149,7 @@ def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     try:
-        done = subprocess.run([sys.executable, "-m", "peft_ladder.benchmark", "--worker", handle.name],
+        done = subprocess.run([sys.executable, "-m", "benchmarks", "--worker", handle.name], cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
     finally:
