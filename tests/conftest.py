@@ -41,8 +41,8 @@ ARCHS = {
     "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=128),
 }
 # Variants of an architecture that a subset needs and the common tests do not: name -> (architecture, overrides).
-# Gemma 3's config leaves final_logit_softcapping off; Gemma 2 ships 30.0. A cap of 1.0 actually bends the tiny
-# model's logits (a cap of 30 would leave them unchanged).
+# Gemma 3's config leaves final_logit_softcapping off (Gemma 2 ships 30.0). The tiny model's logits stay below 1, so a
+# cap of 1.0 bends them by about 10% where 30.0 would change them by about 1e-5.
 VARIANTS = {"gemma3-softcapped": ("gemma3", {"final_logit_softcapping": 1.0})}
 
 CAUSAL = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
