@@ -59,9 +59,10 @@ SEQ_CLS = tuple(SEQ_CLS_CLASSES)  # with a sequence-classification head
 assert set(ROTARY) | set(ABSOLUTE_POSITIONS) == set(ARCHS)
 
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
-# For a test (or a case) that needs bitsandbytes: the tier marker, and a clean skip where it is not installed.
-BITSANDBYTES = [pytest.mark.bitsandbytes,
-                pytest.mark.skipif(not HAS_BITSANDBYTES, reason="needs bitsandbytes: pip install 'peft-ladder[bnb]'")]
+# A test that needs bitsandbytes carries the tier marker and this clean skip where it is not installed.
+requires_bitsandbytes = pytest.mark.skipif(not HAS_BITSANDBYTES,
+                                           reason="needs bitsandbytes: pip install 'peft-ladder[bnb]'")
+BITSANDBYTES = [pytest.mark.bitsandbytes, requires_bitsandbytes]  # the same two, for a pytest.param's marks
 
 # id -> LadderConfig keyword arguments (on top of ladder()'s defaults): every kind of adapter a user can configure.
 CONFIG_CASES = {

@@ -11,7 +11,6 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from conftest import CHEAP_CASES, SEQ_CLS, VOCAB, base_model, batch, ladder, logits, tiny_causal_lm, tiny_seq_cls
-from peft_ladder import LadderConfig
 from peft_ladder.layer import LadderFusionLayer, LadderTapLayer
 from peft_ladder.memory import saved_bytes
 from tiny_training import BackboneSaveProbe
