@@ -52,6 +52,9 @@ def test_gradients_reach_ladder_parameters_only(case):
 @pytest.mark.parametrize("case", CHEAP_CASES)
 def test_backbone_keeps_nothing_for_backward(case):
     model = ladder(case.arch, init_weights=False, **case.kwargs).train()
+    # With input gradients on (as checkpointing and k-bit preparation leave them), a backbone that ran with grad
+    # would save its activations: only Ladder's no-grad boundary keeps them out.
+    model.enable_input_require_grads()
     probe = BackboneSaveProbe(model)
     inputs = batch()
     with probe.track():
