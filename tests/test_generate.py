@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
 from transformers.cache_utils import DynamicCache
 
-from conftest import VOCAB, tiny_causal_lm
+from conftest import EXPENSIVE_CASES, VOCAB, ladder
 from peft_ladder import LadderConfig
 
-
-def ladder(arch, **kwargs):
-    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False, **kwargs)
-    return get_peft_model(tiny_causal_lm(arch), config).eval()
+# Every adapter here has random weights (init_weights=False), so that it really takes part in what is generated.
 
 
 def prompts(seed: int = 0):
@@ -32,9 +28,9 @@ def generate(model, inputs, **kwargs):
         return model.generate(**inputs, **kwargs)
 
 
-@pytest.mark.parametrize("connections", ["ladder", "xladder"])
-def test_greedy_with_cache_equals_without_cache(arch, connections):
-    model = ladder(arch, connections=connections)
+@pytest.mark.parametrize("case", EXPENSIVE_CASES)
+def test_greedy_with_cache_equals_without_cache(case):
+    model = ladder(case.arch, **case.kwargs, init_weights=False).eval()
     inputs = prompts()
     cached = generate(model, inputs, use_cache=True)
     assert torch.equal(cached, generate(model, inputs, use_cache=False))
@@ -45,7 +41,7 @@ def test_greedy_with_cache_equals_without_cache(arch, connections):
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma3", "gpt2"])
 def test_beam_search_with_cache_equals_without_cache(arch_name):
-    model = ladder(arch_name, connections="xladder")
+    model = ladder(arch_name, connections="xladder", init_weights=False).eval()
     inputs = prompts(seed=3)
     cached = generate(model, inputs, num_beams=3, use_cache=True)
     assert torch.equal(cached, generate(model, inputs, num_beams=3, use_cache=False))
@@ -53,7 +49,7 @@ def test_beam_search_with_cache_equals_without_cache(arch_name):
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen3", "opt"])
 def test_left_padded_batch_generates_what_each_row_generates_alone(arch_name):
-    model = ladder(arch_name)
+    model = ladder(arch_name, init_weights=False).eval()
     inputs = prompts(seed=5)
     together = generate(model, inputs)
     for row in range(2):
@@ -64,7 +60,7 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(arch_name):
 
 
 def test_side_blocks_own_extra_slots_in_the_generation_cache():
-    model = ladder("llama", connections="xladder", side_layers=3)
+    model = ladder("llama", connections="xladder", side_layers=3, init_weights=False).eval()
     inputs = prompts()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -77,14 +73,14 @@ def test_side_blocks_own_extra_slots_in_the_generation_cache():
 
 
 def test_a_static_cache_is_refused_with_a_fix():
-    model = ladder("llama")
+    model = ladder("llama", init_weights=False).eval()
     with pytest.raises(NotImplementedError, match="DynamicCache.*cache_implementation"):
         generate(model, prompts(), cache_implementation="static")
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
 def test_adapters_of_different_depths_each_generate_with_their_own_cache_slots(arch_name):
-    model = ladder(arch_name, connections="xladder", side_layers=2)
+    model = ladder(arch_name, connections="xladder", side_layers=2, init_weights=False).eval()
     model.add_adapter("deep", LadderConfig(task_type="CAUSAL_LM", reduction_factor=2, side_layers=6,
                                            init_weights=False))
     inputs = prompts()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -12,18 +11,19 @@ from peft_ladder import LadderConfig
 from peft_ladder.loss import LadderChunkedLossOutput, chunked_cross_entropy
 from peft_ladder.memory import track_peak_memory
 
-from conftest import batch, tiny_causal_lm
+from conftest import SOFT_CAPPED, VOCAB, batch, ladder, tiny_causal_lm
 
-VOCAB, WIDTH = 50, 16
+# The bare head of the chunked-loss unit tests (not a tiny model's, whose vocabulary is conftest's VOCAB).
+HEAD_VOCAB, HEAD_WIDTH = 50, 16
 
 
 def _case(seed: int = 0, bias: bool = False, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(WIDTH, VOCAB, bias=bias).to(dtype)
+    head = nn.Linear(HEAD_WIDTH, HEAD_VOCAB, bias=bias).to(dtype)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(VOCAB, WIDTH, generator=generator))
-    hidden = torch.randn(2, 7, WIDTH, generator=generator).to(dtype).requires_grad_()
-    labels = torch.randint(0, VOCAB, (2, 7), generator=generator)
+        head.weight.copy_(torch.randn(HEAD_VOCAB, HEAD_WIDTH, generator=generator))
+    hidden = torch.randn(2, 7, HEAD_WIDTH, generator=generator).to(dtype).requires_grad_()
+    labels = torch.randint(0, HEAD_VOCAB, (2, 7), generator=generator)
     labels[0, :3] = -100  # a prompt that is not trained on
     return head, hidden, labels
 
@@ -32,7 +32,7 @@ def _reference(head, hidden, labels, softcap=None, **kwargs):
     logits = head(hidden)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return ForCausalLMLoss(logits, labels, VOCAB, **kwargs)
+    return ForCausalLMLoss(logits, labels, HEAD_VOCAB, **kwargs)
 
 
 def _grads(loss, *tensors):
@@ -83,21 +83,18 @@ def test_frozen_head_gets_no_gradient():
     assert head.weight.grad is None and hidden.grad is not None
 
 
-def _ladder(arch: str, chunk):
-    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False, loss_chunk_size=chunk)
-    return get_peft_model(tiny_causal_lm(arch), config).train()
-
-
 def _side_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])  # gemma3: final logit soft-capping
-def test_ladder_training_uses_chunked_loss_with_same_gradients(arch):
+@pytest.mark.parametrize("arch_name", ["llama", *SOFT_CAPPED, "gpt2"])
+def test_ladder_training_uses_chunked_loss_with_same_gradients(arch_name):
     inputs = batch()
     labels = inputs["input_ids"].clone()
     labels[:, :4] = -100
-    plain, chunked = _ladder(arch, None), _ladder(arch, 5)
+    plain, chunked = (ladder(arch_name, init_weights=False, loss_chunk_size=chunk).train() for chunk in (None, 5))
+    if arch_name in SOFT_CAPPED:  # the chunked loss must apply the cap that the model's own loss applies
+        assert chunked.config.final_logit_softcapping is not None
     torch.manual_seed(0)  # GPT-2 trains with dropout: the same masks in both runs
     expected = plain(**inputs, labels=labels, num_items_in_batch=torch.tensor(15))
     torch.manual_seed(0)
@@ -114,12 +111,12 @@ def test_ladder_training_uses_chunked_loss_with_same_gradients(arch):
 
 
 def test_logits_kept_outside_training_with_labels():
-    model, inputs = _ladder("llama", 4), batch()
+    model, inputs = ladder("llama", init_weights=False, loss_chunk_size=4).train(), batch()
     with torch.no_grad():
         evaluated = model(**inputs, labels=inputs["input_ids"])
-    assert evaluated.logits.shape == (2, 12, 96) and evaluated.loss is not None
-    assert model(**inputs).logits.shape == (2, 12, 96)
-    assert model.eval()(**inputs, labels=inputs["input_ids"]).logits.shape == (2, 12, 96)  # eval mode, grad on
+    assert evaluated.logits.shape == (2, 12, VOCAB) and evaluated.loss is not None
+    assert model(**inputs).logits.shape == (2, 12, VOCAB)
+    assert model.eval()(**inputs, labels=inputs["input_ids"]).logits.shape == (2, 12, VOCAB)  # eval mode, grad on
     model.train()
     with model.disable_adapter():
         assert model(**inputs, labels=inputs["input_ids"]).logits is not None
@@ -127,8 +124,7 @@ def test_logits_kept_outside_training_with_labels():
 
 def test_chunked_loss_lowers_peak_memory():
     def peak(chunk):
-        model = get_peft_model(tiny_causal_lm("llama", vocab_size=4096),
-                               LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, loss_chunk_size=chunk)).train()
+        model = ladder(tiny_causal_lm("llama", vocab_size=4096), loss_chunk_size=chunk).train()
         inputs = batch(length=64)
         with track_peak_memory("cpu", model=model, tensors=list(inputs.values())) as measured:
             model(**inputs, labels=inputs["input_ids"]).loss.backward()
@@ -150,8 +146,7 @@ def test_trl_fused_lm_head_passes_through():
 
     base = tiny_causal_lm("llama")
     add_fused_lm_head(base)  # what SFTTrainer does before wrapping the model with PEFT
-    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False, loss_chunk_size=4)
-    model = get_peft_model(base, config).train()
+    model = ladder(base, init_weights=False, loss_chunk_size=4).train()
     inputs = batch()
     fused = model(**inputs, labels=inputs["input_ids"], fused_lm_head=True)
     assert not isinstance(fused, LadderChunkedLossOutput) and fused.log_probs is not None

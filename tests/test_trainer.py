@@ -6,31 +6,22 @@ must neither break Ladder nor bring the backbone back into autograd.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
 import torch
 from datasets import Dataset
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
-from conftest import batch, tiny_causal_lm
-from peft_ladder import LadderConfig
+from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_lm
 from peft_ladder.layer import GC_WARNING
 from peft_ladder.memory import saved_bytes
 from tiny_training import BackboneSaveProbe, counting_rows, side_parameters, watch_training
 
 CHECKPOINT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
                     "scheduler.pt", "trainer_state.json", "training_args.bin"}
-
-
-def ladder_model(seed: int = 0, base=None, **kwargs):
-    kwargs.setdefault("reduction_factor", 4)
-    base = tiny_causal_lm("llama") if base is None else base
-    torch.manual_seed(seed)  # the side network's initialisation
-    return get_peft_model(base, LadderConfig(task_type="CAUSAL_LM", **kwargs))
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
@@ -44,19 +35,13 @@ def train_dataset(count: int = 48, **kwargs) -> Dataset:
     return Dataset.from_list(counting_rows(count, **kwargs))
 
 
-def eval_logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(**batch()).logits
-
-
 def gc_warnings(records) -> list:
     return [w for w in records if str(w.message) == GC_WARNING]
 
 
 @pytest.mark.slow
 def test_trainer_learns_with_checkpointing_keeps_the_backbone_out_of_autograd_and_warns_once(tmp_path):
-    model = ladder_model()
+    model = ladder(seed=0)
     args = training_args(tmp_path, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant",
                          activation_checkpointing=True)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset(), eval_dataset=train_dataset(8, seed=99))
@@ -79,7 +64,7 @@ def test_backbone_save_probe_sees_a_backbone_that_runs_with_grad(checkpointing):
     # The probe must be able to fail: with the adapter disabled and input gradients on, the backbone is in autograd
     # (what any PEFT method without a no-grad boundary pays). Under checkpointing the saves are hidden from the
     # saved-tensor count by the checkpoint's own hooks, and the outputs' graph shows it instead.
-    model = ladder_model()
+    model = ladder(seed=0)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
@@ -95,7 +80,7 @@ def test_backbone_save_probe_sees_a_backbone_that_runs_with_grad(checkpointing):
 def test_gradient_checkpointing_changes_no_weight_and_saves_less(tmp_path):
     results = {}
     for checkpointing in (False, True):
-        model = ladder_model()
+        model = ladder(seed=0)
         trainer = Trainer(model=model, args=training_args(tmp_path / str(checkpointing), max_steps=3,
                                                           activation_checkpointing=checkpointing),
                           train_dataset=train_dataset())
@@ -114,7 +99,7 @@ def test_gradient_checkpointing_changes_no_weight_and_saves_less(tmp_path):
 
 
 def test_checkpoints_hold_only_the_adapter_and_the_final_adapter_reloads_identically(tmp_path):
-    model = ladder_model(connections="xladder")
+    model = ladder(seed=0, connections="xladder")
     args = training_args(tmp_path / "run", save_strategy="steps", save_steps=3)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset())
     trainer.train()
@@ -131,16 +116,16 @@ def test_checkpoints_hold_only_the_adapter_and_the_final_adapter_reloads_identic
     assert {p.name for p in (tmp_path / "final").iterdir()} == {"README.md", "adapter_config.json",
                                                                   "adapter_model.safetensors", "training_args.bin"}
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "final")
-    assert torch.equal(eval_logits(reloaded), eval_logits(model))
-    assert not torch.equal(eval_logits(reloaded), eval_logits(tiny_causal_lm("llama")))  # it did train
+    assert torch.equal(logits(reloaded.eval()), logits(model.eval()))
+    assert not torch.equal(logits(reloaded.eval()), logits(tiny_causal_lm("llama")))  # it did train
 
 
 def test_resume_from_checkpoint_continues_with_the_same_adapter_and_optimizer_state(tmp_path):
     args = dict(save_strategy="steps", save_steps=3, max_steps=6)
-    uninterrupted = ladder_model()
+    uninterrupted = ladder(seed=0)
     Trainer(model=uninterrupted, args=training_args(tmp_path / "a", **args), train_dataset=train_dataset()).train()
 
-    resumed = ladder_model(seed=123)  # a different side initialisation: only the checkpoint can make them agree
+    resumed = ladder(seed=123)  # a different side initialisation: only the checkpoint can make them agree
     trainer = Trainer(model=resumed, args=training_args(tmp_path / "b", **args), train_dataset=train_dataset())
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert trainer.state.global_step == 6
@@ -155,7 +140,7 @@ def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path):
     common = dict(max_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant")
     runs = {}
     for name, (size, accumulation) in {"big": (8, 1), "accumulated": (2, 4)}.items():
-        model = ladder_model(init_weights=False)
+        model = ladder(seed=0, init_weights=False)
         args = training_args(tmp_path / name, per_device_train_batch_size=size,
                              gradient_accumulation_steps=accumulation, **common)
         Trainer(model=model, args=args, train_dataset=data).train()
@@ -165,7 +150,7 @@ def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path):
 
     # ... and the test can tell: a mean of micro-batch means is a different gradient on these rows.
     def gradient(chunks):
-        model = ladder_model(init_weights=False).train()
+        model = ladder(seed=0, init_weights=False).train()
         for rows in chunks:
             inputs = {k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}
             (model(**inputs).loss / len(chunks)).backward()
@@ -181,10 +166,10 @@ def test_disable_adapter_inside_a_training_step_gives_the_base_model_and_keeps_t
     # TRL's DPO/GRPO without a reference model: policy pass, reference pass under disable_adapter(), one backward.
     # Like DPO, the policy pass has no labels and the loss is computed from the logits.
     inputs = batch()
-    base_logits = eval_logits(tiny_causal_lm("llama"))
+    base_logits = logits(tiny_causal_lm("llama"))
 
     def step(reference: str):
-        model = ladder_model(init_weights=False).train()
+        model = ladder(seed=0, init_weights=False).train()
         model.enable_input_require_grads()  # as gradient checkpointing / k-bit preparation leave it
         ref_logits = None
         if reference == "before":
@@ -217,7 +202,7 @@ def test_disable_adapter_inside_a_training_step_gives_the_base_model_and_keeps_t
 
 
 @pytest.mark.bitsandbytes
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@requires_bitsandbytes
 def test_qlora_recipe_4bit_prepare_for_kbit_training_then_trainer_keeps_the_backbone_out(tmp_path):
     # QLoRA code: load in 4-bit, prepare_model_for_kbit_training (fp32 upcast, input grads, gradient checkpointing),
     # then the PEFT config: here Ladder's.
@@ -227,7 +212,7 @@ def test_qlora_recipe_4bit_prepare_for_kbit_training_then_trainer_keeps_the_back
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-    model = ladder_model(base=base)
+    model = ladder(base, seed=0)
     trainer = Trainer(model=model, args=training_args(tmp_path / "run", max_steps=3), train_dataset=train_dataset())
     with watch_training(model) as (probe, records):
         result = trainer.train()

@@ -16,14 +16,12 @@ from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import batch, tiny_causal_lm
+from conftest import logits, requires_bitsandbytes, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder.layer import GC_WARNING
 from tiny_training import BackboneSaveProbe, char_tokenizer, counting_texts, watch_training
 
 trl = pytest.importorskip("trl")
-HAS_BNB = pytest.importorskip("importlib").util.find_spec("bitsandbytes") is not None
-HAS_LADDER_QUANTIZATION = "quantization" in LadderConfig.__dataclass_fields__
 
 
 def sft_config(output_dir, **overrides):
@@ -48,12 +46,6 @@ def sft_trainer(output_dir, model=None, peft_config=None, **overrides):
 
 def side_dtypes(model) -> set:
     return {p.dtype for n, p in model.named_parameters() if ".ladder_" in n}
-
-
-def eval_logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(**batch()).logits
 
 
 def test_sft_config_defaults_turn_on_checkpointing_and_bf16():
@@ -85,7 +77,7 @@ def test_sft_trainer_with_trl_defaults_learns_keeps_the_backbone_out_and_saves_o
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "final")
     # bf16=True: accelerate wrapped the trained model's forward in autocast; compare without that wrapper.
     trained = extract_model_from_parallel(model, keep_fp32_wrapper=False)
-    assert torch.equal(eval_logits(reloaded), eval_logits(trained))
+    assert torch.equal(logits(reloaded.eval()), logits(trained.eval()))
 
 
 def test_dpo_reference_pass_through_disable_adapter(tmp_path):
@@ -109,7 +101,7 @@ def test_dpo_reference_pass_through_disable_adapter(tmp_path):
     assert abs(logs[0]["rewards/chosen"]) > 1e-4  # policy (Ladder) != reference (adapter disabled)
     assert probe.calls > 0 and probe.kept == (0, 0)
     with trainer.model.disable_adapter():
-        assert torch.equal(eval_logits(trainer.model), eval_logits(tiny_causal_lm("llama")))
+        assert torch.equal(logits(trainer.model.eval()), logits(tiny_causal_lm("llama")))
 
 
 def _four_bit_model(tmp_path):
@@ -122,7 +114,7 @@ def _four_bit_model(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.bitsandbytes
-@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+@requires_bitsandbytes
 def test_qlora_style_4bit_model_trl_casts_the_side_network_to_bf16_and_it_trains(tmp_path):
     # The QLoRA recipe: a model loaded in 4-bit. TRL casts trainable parameters to bf16; Ladder accepts it (see
     # docs/training.md: same policy as LoRA adapters there, half the side network's weight/grad/optimizer memory).
@@ -139,7 +131,7 @@ def test_qlora_style_4bit_model_trl_casts_the_side_network_to_bf16_and_it_trains
 
 
 @pytest.mark.bitsandbytes
-@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+@requires_bitsandbytes
 def test_fp32_side_network_on_a_4bit_model_by_upcasting_before_train(tmp_path):
     # The documented opt-out: upcast the trainable parameters after building the trainer, before train() creates the
     # optimizer, so weights and AdamW states are fp32.
@@ -154,8 +146,7 @@ def test_fp32_side_network_on_a_4bit_model_by_upcasting_before_train(tmp_path):
 
 
 @pytest.mark.bitsandbytes
-@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
-@pytest.mark.skipif(not HAS_LADDER_QUANTIZATION, reason="LadderConfig(quantization=...) not available")
+@requires_bitsandbytes
 def test_ladder_quantization_through_sft_trainer_keeps_the_side_network_fp32(tmp_path):
     # TRL decides on its bf16 cast before it calls get_peft_model; Ladder's own quantization happens inside it, so
     # the backbone ends up 4-bit and the side network keeps fp32.
