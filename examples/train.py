@@ -67,11 +67,19 @@ def build_tiny_model(folder: Path) -> str:
     vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{ch: 3 + i for i, ch in enumerate(ALPHABET + " ")}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                        bos_token="<s>")
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(vocab), pad_token_id=0, eos_token_id=1,
-                         bos_token_id=2, max_position_embeddings=256)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -100,9 +108,18 @@ def load_texts(path: str | None) -> list[str]:
 def train(method: str, model_path: str, texts: list[str], args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     config = SFTConfig(
-        output_dir=str(Path(args.output_dir) / method), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, logging_steps=1, save_strategy="no", report_to=[], max_length=args.max_length,
-        bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), seed=0, disable_tqdm=True,
+        output_dir=str(Path(args.output_dir) / method),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=args.max_length,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(
         model=load_model(model_path, method),
@@ -118,16 +135,25 @@ def train(method: str, model_path: str, texts: list[str], args: argparse.Namespa
     adapter_dir = Path(args.output_dir) / method / "adapter"
     trainer.save_model(adapter_dir)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    print(f"{method}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; adapter saved to {adapter_dir}")
+    print(
+        f"{method}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; adapter saved to {adapter_dir}"
+    )
     return {"method": method, "trainable": trainable, "total": total, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="one or more of lora, qlora, ladder, xladder (default: all four, in turn)")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="one or more of lora, qlora, ladder, xladder (default: all four, in turn)",
+    )
     parser.add_argument("--model", help="a local causal LM directory; default: a tiny random Llama (no download)")
-    parser.add_argument("--data", help="a .txt (one example per line) or .jsonl ('text' field) file; default: synthetic")
+    parser.add_argument(
+        "--data", help="a .txt (one example per line) or .jsonl ('text' field) file; default: synthetic"
+    )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per method (default 10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

@@ -65,6 +65,7 @@ def _import_plugin() -> None:
                 f"{error}). Loading Ladder adapters needs an explicit `import peft_ladder`; set "
                 f"{OPT_OUT_VARIABLE}=1 to turn this automatic registration off.",
                 RuntimeWarning,
+                stacklevel=2,
             )
         except Exception:  # e.g. `-W error`: a failed plugin must still not break `import peft`
             pass

@@ -70,6 +70,8 @@ def _same_object(current: object, ours: object) -> bool:
     # A module reloaded by a test runner or notebook re-creates the classes; the same qualified name is still ours.
     if current is ours or current == ours:
         return True
-    return isinstance(current, type) and isinstance(ours, type) and (
-        f"{current.__module__}.{current.__qualname__}" == f"{ours.__module__}.{ours.__qualname__}"
+    return (
+        isinstance(current, type)
+        and isinstance(ours, type)
+        and (f"{current.__module__}.{current.__qualname__}" == f"{ours.__module__}.{ours.__qualname__}")
     )

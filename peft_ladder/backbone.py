@@ -42,7 +42,9 @@ def find_backbone(model: nn.Module) -> Backbone:
     """Locate the decoder layer stack and final norm of `model`, or raise a `ValueError` naming what is supported."""
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(f"Ladder needs a transformers model with a `.config`; got {type(model).__name__}. Supported: {SUPPORTED}.")
+        raise ValueError(
+            f"Ladder needs a transformers model with a `.config`; got {type(model).__name__}. Supported: {SUPPORTED}."
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"{type(model).__name__} is an encoder-decoder model ({config.model_type}); Ladder supports {SUPPORTED}."

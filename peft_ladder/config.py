@@ -92,7 +92,7 @@ class LadderConfig(PeftConfig):
             "False: random up-projection (a non-identity adapter, for tests)."
         },
     )
-    # --- backbone quantization (QST; docs/quantization.md) -------------------------------------------------------------
+    # --- backbone quantization (QST; docs/quantization.md) ------------------------------------------------------------
     quantization: Optional[Kind] = field(
         default=None,
         metadata={
@@ -115,7 +115,9 @@ class LadderConfig(PeftConfig):
     )
     bnb_4bit_use_double_quant: bool = field(
         default=True,
-        metadata={"help": "Also quantize the 4-bit quantization constants (QLoRA's double quantization). Only for '4bit'."},
+        metadata={
+            "help": "Also quantize the 4-bit quantization constants (QLoRA's double quantization). Only for '4bit'."
+        },
     )
     # --- training memory (docs/benchmarks.md) -----------------------------------------------------------------------
     loss_chunk_size: Optional[int] = field(
@@ -146,8 +148,11 @@ class LadderConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        _check_positive_int("reduction_factor", self.reduction_factor,
-                            "a positive integer dividing the hidden size, e.g. 8 (LST) or 16 (QST)")
+        _check_positive_int(
+            "reduction_factor",
+            self.reduction_factor,
+            "a positive integer dividing the hidden size, e.g. 8 (LST) or 16 (QST)",
+        )
         if self.side_layers is not None:
             _check_positive_int("side_layers", self.side_layers, "a positive integer or None (one per layer)")
         self.connections = normalize_connections(self.connections)
@@ -167,23 +172,31 @@ class LadderConfig(PeftConfig):
         if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
         if self.loss_chunk_size is not None:
-            _check_positive_int("loss_chunk_size", self.loss_chunk_size, "a positive number of tokens (e.g. 256) or "
-                                "None (the model's own loss, with logits)")
+            _check_positive_int(
+                "loss_chunk_size",
+                self.loss_chunk_size,
+                "a positive number of tokens (e.g. 256) or None (the model's own loss, with logits)",
+            )
         self._validate_quantization()
 
     def _validate_quantization(self) -> None:
         if self.quantization is not None and self.quantization not in KINDS:
-            raise ValueError(f"quantization={self.quantization!r} is unknown; use {_listed(KINDS, 'None')} (no "
-                             "quantization).")
+            raise ValueError(
+                f"quantization={self.quantization!r} is unknown; use {_listed(KINDS, 'None')} (no quantization)."
+            )
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
-            raise ValueError(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use "
-                             f"{_listed(QUANT_TYPES[:-1], repr(QUANT_TYPES[-1]))}.")
+            raise ValueError(
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use "
+                f"{_listed(QUANT_TYPES[:-1], repr(QUANT_TYPES[-1]))}."
+            )
         dtype = self.bnb_4bit_compute_dtype
         if dtype is not None and not isinstance(dtype, str):
             dtype = self.bnb_4bit_compute_dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
         if dtype is not None and dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"bnb_4bit_compute_dtype={dtype!r} is not a float dtype bitsandbytes computes in; use "
-                             f"{_listed(COMPUTE_DTYPES, 'None')} (the backbone's dtype).")
+            raise ValueError(
+                f"bnb_4bit_compute_dtype={dtype!r} is not a float dtype bitsandbytes computes in; use "
+                f"{_listed(COMPUTE_DTYPES, 'None')} (the backbone's dtype)."
+            )
         if not isinstance(self.bnb_4bit_use_double_quant, bool):
             raise ValueError(f"bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} must be True or False.")
 

@@ -106,7 +106,8 @@ def resolve_plan(
         depth = xladder_depth if xladder_depth is not None else max(1, side_blocks // 2)
         if depth > num_layers:
             raise ValueError(
-                f"xladder_depth={depth} exceeds the backbone's {num_layers} layers; choose xladder_depth <= {num_layers}."
+                f"xladder_depth={depth} exceeds the backbone's {num_layers} layers; "
+                f"choose xladder_depth <= {num_layers}."
             )
         # xLadder: the last `depth` backbone layers feed the first `depth` side blocks; the rest add depth.
         block_to_layer = {k: num_layers - depth + k for k in range(depth)}
@@ -118,4 +119,6 @@ def resolve_plan(
                 f"(valid: 0..{num_layers - 1})."
             )
         block_to_layer = {block: layer for layer, block in connections.items()}
-    return ConnectionPlan(num_layers=num_layers, side_blocks=side_blocks, block_to_layer=dict(sorted(block_to_layer.items())))
+    return ConnectionPlan(
+        num_layers=num_layers, side_blocks=side_blocks, block_to_layer=dict(sorted(block_to_layer.items()))
+    )

@@ -25,10 +25,20 @@ def _is_ladder(model: PeftModel) -> bool:
     return any(config.peft_type == LadderPeftType.LADDER for config in model.peft_config.values())
 
 
-def push_to_hub(self: PeftModel, repo_id: str, *, commit_message: str | None = None,
-                commit_description: str | None = None, private: bool | None = None, token: bool | str | None = None,
-                revision: str | None = None, create_pr: bool = False, max_shard_size: int | str | None = "50GB",
-                tags: list[str] | None = None, **save_kwargs):
+def push_to_hub(
+    self: PeftModel,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    **save_kwargs,
+):
     """Save the adapter (config, weights, PEFT's model card) to a temporary folder and upload exactly that."""
     api = transformers_hub.hf_api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
@@ -39,8 +49,14 @@ def push_to_hub(self: PeftModel, repo_id: str, *, commit_message: str | None = N
         card.data.tags = sorted(set(card.data.tags or []) | set(MODEL_TAGS) | set(tags or []))
         card.save(card_path)
         return self._upload_modified_files(
-            folder, repo_id, files_timestamps={}, commit_message=commit_message, token=token, create_pr=create_pr,
-            revision=revision, commit_description=commit_description,
+            folder,
+            repo_id,
+            files_timestamps={},
+            commit_message=commit_message,
+            token=token,
+            create_pr=create_pr,
+            revision=revision,
+            commit_description=commit_description,
         )
 
 

@@ -42,7 +42,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             raw = F.linear(h, weight, bias)  # (n, V) in the head's dtype, as the model computes them
             logits = raw.float()
             del raw
@@ -64,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del capped
             grad = grad.div_(denominator).to(hidden.dtype)
             if need_hidden:
-                grad_hidden[start:start + chunk_size] = grad @ weight
+                grad_hidden[start : start + chunk_size] = grad @ weight
             if need_weight:
                 grad_weight.add_(grad.t().float() @ h.float())
             if need_bias:
@@ -86,10 +86,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: Optional[torch.Tensor] = None, *,
-                          chunk_size: int = 256, num_items_in_batch=None, ignore_index: int = -100,
-                          shift_labels: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                          **unused: Any) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    chunk_size: int = 256,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    **unused: Any,
+) -> torch.Tensor:
     """transformers' `ForCausalLMLoss(head(hidden), labels, ...)` without building the (B, T, V) logits.
 
     hidden: (B, T, d) final hidden states (the head's input). Labels are shifted as transformers does unless
@@ -105,8 +113,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: Optiona
         denominator = num_items_in_batch.to(head.weight.device).float()
     else:
         denominator = torch.tensor(float(num_items_in_batch), device=head.weight.device)
-    return _ChunkedLinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, flat_labels, denominator,
-                                            int(chunk_size), softcap, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(
+        flat_hidden, head.weight, head.bias, flat_labels, denominator, int(chunk_size), softcap, ignore_index
+    )
 
 
 @dataclass

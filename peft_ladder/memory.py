@@ -153,8 +153,11 @@ class _LiveStorageTracker(TorchDispatchMode):
         return out
 
 
-def held_tensors(model: Optional[nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                 tensors: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
+def held_tensors(
+    model: Optional[nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    tensors: Iterable[torch.Tensor] = (),
+) -> list[torch.Tensor]:
     """The tensors a training step holds before it starts: parameters (with bitsandbytes' quantization state),
     gradients, buffers, optimizer state and any extra `tensors` (e.g. the batch)."""
     found: list[torch.Tensor] = list(tensors)
@@ -205,9 +208,13 @@ def _resolve_device(device: Union[str, torch.device, None], model: Optional[nn.M
 
 
 @contextmanager
-def track_peak_memory(device: Union[str, torch.device, None] = None, *, model: Optional[nn.Module] = None,
-                      optimizer: Optional[torch.optim.Optimizer] = None,
-                      tensors: Iterable[torch.Tensor] = ()) -> Iterator[PeakMemory]:
+def track_peak_memory(
+    device: Union[str, torch.device, None] = None,
+    *,
+    model: Optional[nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    tensors: Iterable[torch.Tensor] = (),
+) -> Iterator[PeakMemory]:
     """Measure peak allocated tensor memory inside the `with` block; read `.peak_bytes` after it.
 
     Device: `device`, else the device of `model`'s parameters, else CUDA when available, else CPU.
@@ -279,9 +286,14 @@ class StepMeasurement:
     method: str  # how the peak was measured (`PeakMemory.method`)
 
 
-def measure_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *,
-                          device: Union[str, torch.device, None] = None,
-                          loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None) -> StepMeasurement:
+def measure_training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    *,
+    device: Union[str, torch.device, None] = None,
+    loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
+) -> StepMeasurement:
     """Run one training step (forward, backward, `optimizer.step()`, `zero_grad`) and measure its peak memory and
     the activations saved for backward.
 
@@ -312,9 +324,22 @@ def measure_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ba
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             value = loss.detach().float().item()
-    return StepMeasurement(peak_bytes=peak.peak_bytes, baseline_bytes=peak.baseline_bytes, saved_bytes=counter.bytes,
-                           loss=value, method=peak.method)
+    return StepMeasurement(
+        peak_bytes=peak.peak_bytes,
+        baseline_bytes=peak.baseline_bytes,
+        saved_bytes=counter.bytes,
+        loss=value,
+        method=peak.method,
+    )
 
 
-__all__ = ["PeakMemory", "SavedTensorCounter", "StepMeasurement", "held_tensors", "measure_training_step",
-           "saved_bytes", "storage_bytes", "track_peak_memory"]
+__all__ = [
+    "PeakMemory",
+    "SavedTensorCounter",
+    "StepMeasurement",
+    "held_tensors",
+    "measure_training_step",
+    "saved_bytes",
+    "storage_bytes",
+    "track_peak_memory",
+]

@@ -34,34 +34,90 @@ def _m(name, kind, help, **kw) -> Method:
     return Method(name=name, kind=kind, help=help, **kw)
 
 
-METHODS = {m.name: m for m in [
-    _m("full", "full", "full fine-tuning: every weight trained"),
-    _m("lora", "lora", f"LoRA r={LORA_R} alpha={LORA_ALPHA}, all linear layers"),
-    _m("qlora", "lora", "QLoRA: LoRA on a 4-bit nf4 backbone (double quantization)", quantization="4bit"),
-    _m("qlora-gc", "lora", "QLoRA + gradient checkpointing", quantization="4bit", gradient_checkpointing=True),
-    _m("qlora-gc-chunk", "lora", "QLoRA + gradient checkpointing + chunked loss", quantization="4bit",
-       gradient_checkpointing=True, loss_chunk_size=DEFAULT_CHUNK),
-    _m("ladder", "ladder", "Ladder (LadderConfig defaults: chunked loss)", loss_chunk_size=DEFAULT_CHUNK),
-    _m("ladder-nochunk", "ladder", "Ladder with transformers' loss (full logits)"),
-    _m("xladder", "ladder", "xLadder (LadderConfig defaults)", connections="xladder", loss_chunk_size=DEFAULT_CHUNK),
-    _m("ladder-4bit", "ladder", "Ladder on a 4-bit nf4 backbone (QST)", quantization="4bit",
-       loss_chunk_size=DEFAULT_CHUNK),
-    _m("ladder-4bit-nochunk", "ladder", "Ladder on a 4-bit backbone, transformers' loss", quantization="4bit"),
-    _m("xladder-4bit", "ladder", "xLadder on a 4-bit nf4 backbone", quantization="4bit", connections="xladder",
-       loss_chunk_size=DEFAULT_CHUNK),
-    _m("ladder-4bit-bf16side", "ladder", "Ladder-4bit, side network in the backbone dtype (bf16 taps, no fp32 "
-       "copies)", quantization="4bit", loss_chunk_size=DEFAULT_CHUNK, side_in_backbone_dtype=True),
-    _m("ladder-4bit-frozendown", "ladder", "Ladder-4bit, frozen random down-projections", quantization="4bit",
-       loss_chunk_size=DEFAULT_CHUNK, freeze_down=True),
-    _m("ladder-4bit-config", "ladder", "Ladder-4bit quantized by LadderConfig(quantization='4bit') instead of "
-       "from_pretrained (should measure as ladder-4bit)", loss_chunk_size=DEFAULT_CHUNK,
-       ladder_options=(("quantization", "4bit"),)),
-    _m("ladder-8bit", "ladder", "Ladder on an 8-bit backbone (the paper's math runs)", quantization="8bit",
-       loss_chunk_size=DEFAULT_CHUNK),
-]}
-DEFAULT_METHODS = ("full", "lora", "qlora", "qlora-gc", "qlora-gc-chunk", "ladder", "ladder-nochunk", "xladder",
-                   "ladder-4bit", "ladder-4bit-nochunk", "ladder-4bit-bf16side", "ladder-4bit-frozendown",
-                   "ladder-8bit")
+METHODS = {
+    m.name: m
+    for m in [
+        _m("full", "full", "full fine-tuning: every weight trained"),
+        _m("lora", "lora", f"LoRA r={LORA_R} alpha={LORA_ALPHA}, all linear layers"),
+        _m("qlora", "lora", "QLoRA: LoRA on a 4-bit nf4 backbone (double quantization)", quantization="4bit"),
+        _m("qlora-gc", "lora", "QLoRA + gradient checkpointing", quantization="4bit", gradient_checkpointing=True),
+        _m(
+            "qlora-gc-chunk",
+            "lora",
+            "QLoRA + gradient checkpointing + chunked loss",
+            quantization="4bit",
+            gradient_checkpointing=True,
+            loss_chunk_size=DEFAULT_CHUNK,
+        ),
+        _m("ladder", "ladder", "Ladder (LadderConfig defaults: chunked loss)", loss_chunk_size=DEFAULT_CHUNK),
+        _m("ladder-nochunk", "ladder", "Ladder with transformers' loss (full logits)"),
+        _m(
+            "xladder", "ladder", "xLadder (LadderConfig defaults)", connections="xladder", loss_chunk_size=DEFAULT_CHUNK
+        ),
+        _m(
+            "ladder-4bit",
+            "ladder",
+            "Ladder on a 4-bit nf4 backbone (QST)",
+            quantization="4bit",
+            loss_chunk_size=DEFAULT_CHUNK,
+        ),
+        _m("ladder-4bit-nochunk", "ladder", "Ladder on a 4-bit backbone, transformers' loss", quantization="4bit"),
+        _m(
+            "xladder-4bit",
+            "ladder",
+            "xLadder on a 4-bit nf4 backbone",
+            quantization="4bit",
+            connections="xladder",
+            loss_chunk_size=DEFAULT_CHUNK,
+        ),
+        _m(
+            "ladder-4bit-bf16side",
+            "ladder",
+            "Ladder-4bit, side network in the backbone dtype (bf16 taps, no fp32 copies)",
+            quantization="4bit",
+            loss_chunk_size=DEFAULT_CHUNK,
+            side_in_backbone_dtype=True,
+        ),
+        _m(
+            "ladder-4bit-frozendown",
+            "ladder",
+            "Ladder-4bit, frozen random down-projections",
+            quantization="4bit",
+            loss_chunk_size=DEFAULT_CHUNK,
+            freeze_down=True,
+        ),
+        _m(
+            "ladder-4bit-config",
+            "ladder",
+            "Ladder-4bit quantized by LadderConfig(quantization='4bit') instead of "
+            "from_pretrained (should measure as ladder-4bit)",
+            loss_chunk_size=DEFAULT_CHUNK,
+            ladder_options=(("quantization", "4bit"),),
+        ),
+        _m(
+            "ladder-8bit",
+            "ladder",
+            "Ladder on an 8-bit backbone (the paper's math runs)",
+            quantization="8bit",
+            loss_chunk_size=DEFAULT_CHUNK,
+        ),
+    ]
+}
+DEFAULT_METHODS = (
+    "full",
+    "lora",
+    "qlora",
+    "qlora-gc",
+    "qlora-gc-chunk",
+    "ladder",
+    "ladder-nochunk",
+    "xladder",
+    "ladder-4bit",
+    "ladder-4bit-nochunk",
+    "ladder-4bit-bf16side",
+    "ladder-4bit-frozendown",
+    "ladder-8bit",
+)
 
 
 def get_method(name: str) -> Method:

@@ -64,16 +64,27 @@ class AdapterSetup:
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None
         existing = (m.forward_state for m in model.modules() if isinstance(m, LadderLayer))
-        return cls(backbone, plan, side_config(backbone.config, backbone.num_layers, plan.side_blocks,
-                                               config.reduction_factor),
-                   reference_layer_index(backbone.config, backbone.num_layers), targets,
-                   next(existing, None) or ForwardState())
+        return cls(
+            backbone,
+            plan,
+            side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor),
+            reference_layer_index(backbone.config, backbone.num_layers),
+            targets,
+            next(existing, None) or ForwardState(),
+        )
 
     def side_network(self, model: nn.Module, config: LadderConfig) -> LadderSideNetwork:
         if self.side is None:
             block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
-            self.side = LadderSideNetwork(self.plan, self.backbone.hidden_size, self.side_config, block_cls,
-                                          config.gate, config.gate_temperature, config.init_weights)
+            self.side = LadderSideNetwork(
+                self.plan,
+                self.backbone.hidden_size,
+                self.side_config,
+                block_cls,
+                config.gate,
+                config.gate_temperature,
+                config.init_weights,
+            )
         return self.side
 
 
@@ -113,16 +124,30 @@ class LadderModel(BaseTuner):
     def _check_target_module_exists(self, peft_config: LadderConfig, key: str) -> bool:
         return key in self.adapter_setup.targets
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict] = None,
+    ) -> None:
         # A state_dict only tells PEFT which modules hold weights; Ladder must also wrap the weightless taps.
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
         finally:
             self.adapter_setup = None  # the side network now lives in the fusion layer only
 
-    def _create_and_replace(self, peft_config: LadderConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+    def _create_and_replace(
+        self,
+        peft_config: LadderConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
         setup = self.adapter_setup
         layer_index = setup.targets[current_key]
         if layer_index is None and not isinstance(target, LadderFusionLayer):
@@ -173,8 +198,13 @@ class LadderModel(BaseTuner):
             "keep the adapter attached for inference."
         )
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
         if merge:
             self._check_merge_allowed()
         if self.guard is not None:

@@ -7,8 +7,9 @@ RMSNorm, rotary, grouped-query attention) with flash / memory-efficient SDPA (no
 LoRA (adapters in fp32, inputs cast to fp32) and this package's side network; they were checked tensor by tensor
 against `peft_ladder.memory.SavedTensorCounter` and the whole prediction against `python -m benchmarks`
 (`--validate`; docs/benchmarks.md states the error). The side network's shape comes from the tuner's own rules:
-`connections.resolve_plan` for the blocks and taps, `backbone.side_config` for the block width and heads. Not modelled: allocator rounding and fragmentation (CUDA reserves more than it
-allocates), CUDA context / cuBLAS workspaces (about 0.5-1 GiB), kernels' internal scratch.
+`connections.resolve_plan` for the blocks and taps, `backbone.side_config` for the block width and heads. Not
+modelled: allocator rounding and fragmentation (CUDA reserves more than it allocates), CUDA context / cuBLAS
+workspaces (about 0.5-1 GiB), kernels' internal scratch.
 
     python -m peft_ladder.planner --config benchmarks/configs/qwen2.5-7b.json --seq-len 2048
 
@@ -32,7 +33,13 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit")
 CARDS_GB = (8, 12, 24, 48, 80)
 # The LadderConfig fields the side network's size depends on, and LadderConfig's defaults for them.
-SIDE_FIELDS = {"reduction_factor": 8, "side_layers": None, "connections": "ladder", "xladder_depth": None, "gate": "sum"}
+SIDE_FIELDS = {
+    "reduction_factor": 8,
+    "side_layers": None,
+    "connections": "ladder",
+    "xladder_depth": None,
+    "gate": "sum",
+}
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,17 @@ class Shape:
             return cls.from_config(get("text_config"))
         heads = int(get("num_attention_heads"))
         hidden = int(get("hidden_size"))
-        return cls(hidden=hidden, layers=int(get("num_hidden_layers")), heads=heads,
-                   kv_heads=int(get("num_key_value_heads") or heads), head_dim=int(get("head_dim") or hidden // heads),
-                   intermediate=int(get("intermediate_size")), vocab=int(get("vocab_size")),
-                   tied=bool(get("tie_word_embeddings", False)),
-                   qkv_bias=bool(get("attention_bias", False)) or get("model_type") == "qwen2")
+        return cls(
+            hidden=hidden,
+            layers=int(get("num_hidden_layers")),
+            heads=heads,
+            kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            intermediate=int(get("intermediate_size")),
+            vocab=int(get("vocab_size")),
+            tied=bool(get("tie_word_embeddings", False)),
+            qkv_bias=bool(get("attention_bias", False)) or get("model_type") == "qwen2",
+        )
 
     @property
     def q(self) -> int:
@@ -214,14 +227,26 @@ def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, side: Op
         s = b if spec.side_in_backbone_dtype else 4
         tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
         mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
-        per_token = (side.taps * tap_bytes + side.shape.layers * _side_block_saved(side.shape, s)
-                     + mixes * 2 * s * side.shape.hidden + 2 * 4 * d)
+        per_token = (
+            side.taps * tap_bytes
+            + side.shape.layers * _side_block_saved(side.shape, s)
+            + mixes * 2 * s * side.shape.hidden
+            + 2 * 4 * d
+        )
     return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
 
 
-def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
-             optimizer: str = "adamw", reduction_factor: Optional[int] = None,
-             loss_chunk_size: Union[int, None, Literal["method"]] = "method", ladder_config: Any = None) -> Estimate:
+def estimate(
+    config,
+    method: str = "ladder",
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    dtype: str = "bfloat16",
+    optimizer: str = "adamw",
+    reduction_factor: Optional[int] = None,
+    loss_chunk_size: Union[int, None, Literal["method"]] = "method",
+    ladder_config: Any = None,
+) -> Estimate:
     """Predict peak training memory of `method` (a name in `peft_ladder.methods.METHODS`) for `config` (a
     transformers config, a config dict or a config.json path).
 
@@ -270,13 +295,28 @@ def estimate(config, method: str = "ladder", batch_size: int = 1, seq_len: int =
             activations, logits, grads = 0, 0, step_peak
         else:
             grads = head_grad
-    return Estimate(method=method, batch_size=batch_size, seq_len=seq_len, trainable_params=int(trainable),
-                    weights=int(weights), optimizer=int(state), gradients=int(grads), activations=int(activations),
-                    logits=int(logits))
+    return Estimate(
+        method=method,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        trainable_params=int(trainable),
+        weights=int(weights),
+        optimizer=int(state),
+        gradients=int(grads),
+        activations=int(activations),
+        logits=int(logits),
+    )
 
 
-def saved_activation_bytes(config, method: str, batch_size: int = 1, seq_len: int = 2048, dtype: str = "bfloat16",
-                           reduction_factor: Optional[int] = None, ladder_config: Any = None) -> int:
+def saved_activation_bytes(
+    config,
+    method: str,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    dtype: str = "bfloat16",
+    reduction_factor: Optional[int] = None,
+    ladder_config: Any = None,
+) -> int:
     """M3 alone: what autograd keeps for backward (the loss's log-softmax output excluded), wherever the peak falls."""
     spec = get_method(method)
     side = _side(config, spec, ladder_config, reduction_factor)
@@ -301,29 +341,37 @@ def fits_card(estimate_: Estimate, gb: int) -> bool:
 
 
 def markdown(config, methods=DEFAULT_METHODS, cards_gb=CARDS_GB, **kwargs) -> str:
-    head = "| method | trainable | M1 weights | M2 optimizer | grads | M3 activations | logits | total GiB | " + \
-        " | ".join(f"{gb} GB" for gb in cards_gb) + " |"
+    head = (
+        "| method | trainable | M1 weights | M2 optimizer | grads | M3 activations | logits | total GiB | "
+        + " | ".join(f"{gb} GB" for gb in cards_gb)
+        + " |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for method in methods:
         e = estimate(config, method, **kwargs)
         g = e.gib()
         ok = ["yes" if fits_card(e, gb) else "no" for gb in cards_gb]
-        lines.append(f"| {method} | {e.trainable_params / 1e6:.1f}M | {g['weights']} | {g['optimizer']} | "
-                     f"{g['gradients']} | {g['activations']} | {g['logits']} | **{g['total']}** | " + " | ".join(ok) + " |")
+        lines.append(
+            f"| {method} | {e.trainable_params / 1e6:.1f}M | {g['weights']} | {g['optimizer']} | "
+            f"{g['gradients']} | {g['activations']} | {g['logits']} | **{g['total']}** | " + " | ".join(ok) + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_ladder.planner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a config.json (a model directory's, or benchmarks/configs/)")
-    parser.add_argument("--method", default=None, help=f"one of {sorted(METHODS)}; default: {', '.join(DEFAULT_METHODS)}")
+    parser.add_argument(
+        "--method", default=None, help=f"one of {sorted(METHODS)}; default: {', '.join(DEFAULT_METHODS)}"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--reduction-factor", type=int, default=8, help="Ladder's r (LadderConfig.reduction_factor)")
-    parser.add_argument("--side-layers", type=int, default=None, help="LadderConfig.side_layers (default: one per "
-                        "backbone layer)")
+    parser.add_argument(
+        "--side-layers", type=int, default=None, help="LadderConfig.side_layers (default: one per backbone layer)"
+    )
     parser.add_argument("--xladder-depth", type=int, default=None, help="LadderConfig.xladder_depth (xladder methods)")
     parser.add_argument("--gate", default="sum", help="LadderConfig.gate: sum, learned or a float weight")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
@@ -333,14 +381,27 @@ def main(argv=None) -> int:
     config = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
     methods = [args.method] if args.method else list(DEFAULT_METHODS)
     gate = args.gate if args.gate in ("sum", "learned") else float(args.gate)
-    kwargs = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, optimizer=args.optimizer,
-                  reduction_factor=args.reduction_factor)
+    kwargs = dict(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        reduction_factor=args.reduction_factor,
+    )
     if (args.side_layers, args.xladder_depth, gate) != (None, None, "sum"):
-        kwargs["ladder_config"] = argparse.Namespace(side_layers=args.side_layers, xladder_depth=args.xladder_depth,
-                                                     gate=gate)
+        kwargs["ladder_config"] = argparse.Namespace(
+            side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate
+        )
     if args.json:
-        print(json.dumps([{**asdict(estimate(config, m, **kwargs)), "gib": estimate(config, m, **kwargs).gib()}
-                          for m in methods], indent=1))
+        print(
+            json.dumps(
+                [
+                    {**asdict(estimate(config, m, **kwargs)), "gib": estimate(config, m, **kwargs).gib()}
+                    for m in methods
+                ],
+                indent=1,
+            )
+        )
     else:
         print(markdown(config, methods, **kwargs))
     return 0

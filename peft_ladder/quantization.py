@@ -64,11 +64,14 @@ def require_bitsandbytes(option: str):
     """Import bitsandbytes for `option` (e.g. "quantization='4bit'"), or raise an ImportError with the fix."""
     version = bitsandbytes_version()
     if version is None:
-        raise ImportError(f"LadderConfig({option}) needs the bitsandbytes package, which is not installed. Run: "
-                          f"{INSTALL_HINT}, or set quantization=None to keep the backbone in full precision.")
+        raise ImportError(
+            f"LadderConfig({option}) needs the bitsandbytes package, which is not installed. Run: "
+            f"{INSTALL_HINT}, or set quantization=None to keep the backbone in full precision."
+        )
     if not is_bitsandbytes_available():
-        raise ImportError(f"LadderConfig({option}) needs bitsandbytes>={MIN_BITSANDBYTES}; found {version}. Run: "
-                          f"{INSTALL_HINT}.")
+        raise ImportError(
+            f"LadderConfig({option}) needs bitsandbytes>={MIN_BITSANDBYTES}; found {version}. Run: {INSTALL_HINT}."
+        )
     return importlib.import_module("bitsandbytes")
 
 
@@ -125,9 +128,12 @@ def describe(model: nn.Module) -> Optional[dict[str, Any]]:
         if isinstance(module, bnb.nn.Linear4bit):
             weight = module.weight
             compute = module.compute_dtype or torch.float32
-            return {"quantization": "4bit", "bnb_4bit_quant_type": weight.quant_type,
-                    "bnb_4bit_use_double_quant": bool(weight.compress_statistics),
-                    "bnb_4bit_compute_dtype": str(compute).removeprefix("torch.")}
+            return {
+                "quantization": "4bit",
+                "bnb_4bit_quant_type": weight.quant_type,
+                "bnb_4bit_use_double_quant": bool(weight.compress_statistics),
+                "bnb_4bit_compute_dtype": str(compute).removeprefix("torch."),
+            }
         if isinstance(module, bnb.nn.Linear8bitLt):
             return {"quantization": "8bit"}
     return None
@@ -146,17 +152,22 @@ def as_bitsandbytes_config(fields: dict[str, Any]):
 
     if fields["quantization"] == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=fields["bnb_4bit_quant_type"],
-                              bnb_4bit_use_double_quant=fields["bnb_4bit_use_double_quant"],
-                              bnb_4bit_compute_dtype=getattr(torch, fields["bnb_4bit_compute_dtype"]))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=fields["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=fields["bnb_4bit_use_double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, fields["bnb_4bit_compute_dtype"]),
+    )
 
 
 def _config_repr(fields: dict[str, Any]) -> str:
     if fields["quantization"] == "8bit":
         return "BitsAndBytesConfig(load_in_8bit=True)"
-    return (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={fields['bnb_4bit_quant_type']!r}, "
-            f"bnb_4bit_use_double_quant={fields['bnb_4bit_use_double_quant']}, "
-            f"bnb_4bit_compute_dtype=torch.{fields['bnb_4bit_compute_dtype']})")
+    return (
+        f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={fields['bnb_4bit_quant_type']!r}, "
+        f"bnb_4bit_use_double_quant={fields['bnb_4bit_use_double_quant']}, "
+        f"bnb_4bit_compute_dtype=torch.{fields['bnb_4bit_compute_dtype']})"
+    )
 
 
 def _requested(config) -> dict[str, Any]:
@@ -199,7 +210,8 @@ def _check_same(present: dict[str, Any], config) -> None:
     if any(present[key] != wanted[key] for key in keys):
         if wanted["quantization"] == "4bit":
             wanted["bnb_4bit_compute_dtype"] = wanted["bnb_4bit_compute_dtype"] or present.get(
-                "bnb_4bit_compute_dtype", "float32")
+                "bnb_4bit_compute_dtype", "float32"
+            )
         raise ValueError(
             f"The adapter's LadderConfig asks for a backbone quantized as {_config_repr(wanted)}, but the base model "
             f"is already quantized as {_config_repr(present)}, and quantized weights cannot be re-quantized. Load "
@@ -215,7 +227,8 @@ def _check_same(present: dict[str, Any], config) -> None:
                 f"backbone's compute dtype {present['bnb_4bit_compute_dtype']!r}: the 4-bit weights are the same, "
                 "the matmuls run at the backbone's precision. To match, load the base with "
                 f"BitsAndBytesConfig(..., bnb_4bit_compute_dtype=torch.{wanted['bnb_4bit_compute_dtype']}).",
-                LadderQuantizationWarning, stacklevel=3,
+                LadderQuantizationWarning,
+                stacklevel=3,
             )
         config.bnb_4bit_compute_dtype = present["bnb_4bit_compute_dtype"]  # record what actually runs
 
@@ -233,8 +246,10 @@ def quantize_in_place(model: nn.Module, fields: dict[str, Any]) -> None:
     kind = fields["quantization"]
     option = f"quantization={kind!r}"
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"LadderConfig({option}) quantizes transformers models (PreTrainedModel); got "
-                         f"{type(model).__name__}. Quantize it yourself, or set quantization=None.")
+        raise ValueError(
+            f"LadderConfig({option}) quantizes transformers models (PreTrainedModel); got "
+            f"{type(model).__name__}. Quantize it yourself, or set quantization=None."
+        )
     _check_no_adapters(model, option)
     device = _single_device(model, option)
     check_kind_available(kind, fields["bnb_4bit_quant_type"], device)
@@ -247,8 +262,9 @@ def quantize_in_place(model: nn.Module, fields: dict[str, Any]) -> None:
     try:
         quantizer.preprocess_model(model=model, dtype=model.dtype, device_map={"": device})
         quantize = quantizer.get_quantize_ops()
-        replaced = [name for name, module in model.named_modules()
-                    if name in candidates and module is not candidates[name]]
+        replaced = [
+            name for name, module in model.named_modules() if name in candidates and module is not candidates[name]
+        ]
         for name in replaced:
             module, original = model.get_submodule(name), candidates[name]
             module.train(original.training)  # new modules start in training mode; bnb's kernels differ by mode
@@ -269,7 +285,8 @@ def quantize_in_place(model: nn.Module, fields: dict[str, Any]) -> None:
         "changed. To keep a full-precision backbone, set quantization=None (for a saved adapter: `config = "
         "PeftConfig.from_pretrained(path); config.quantization = None; PeftModel.from_pretrained(model, path, "
         "config=config)`).",
-        LadderQuantizationWarning, stacklevel=4,
+        LadderQuantizationWarning,
+        stacklevel=4,
     )
 
 
@@ -284,8 +301,11 @@ class _Snapshot:
 
         self.model, self.modules = model, dict(modules)
         self.model_attrs = {name: model.__dict__.get(name, _MISSING) for name in self._MODEL_ATTRS}
-        self.configs = [(m.config, {name: m.config.__dict__.get(name, _MISSING) for name in self._CONFIG_ATTRS})
-                        for m in model.modules() if isinstance(m, PreTrainedModel)]
+        self.configs = [
+            (m.config, {name: m.config.__dict__.get(name, _MISSING) for name in self._CONFIG_ATTRS})
+            for m in model.modules()
+            if isinstance(m, PreTrainedModel)
+        ]
 
     def restore(self) -> None:
         for name, module in self.modules.items():
@@ -316,13 +336,17 @@ def _check_no_adapters(model: nn.Module, option: str) -> None:
 def _single_device(model: nn.Module, option: str) -> torch.device:
     devices = {p.device for p in model.parameters()}
     if any(d.type == "meta" for d in devices):
-        raise ValueError(f"LadderConfig({option}) needs the backbone's weights, but some are on the 'meta' device. "
-                         "Load the weights first, or load the model with from_pretrained(..., quantization_config="
-                         "BitsAndBytesConfig(...)) and set quantization=None.")
+        raise ValueError(
+            f"LadderConfig({option}) needs the backbone's weights, but some are on the 'meta' device. "
+            "Load the weights first, or load the model with from_pretrained(..., quantization_config="
+            "BitsAndBytesConfig(...)) and set quantization=None."
+        )
     if len(devices) != 1 or len(set(getattr(model, "hf_device_map", {"": 0}).values())) > 1:
-        raise ValueError(f"LadderConfig({option}) quantizes a model on one device; this one is spread over "
-                         f"{sorted(map(str, devices))}. Load it with from_pretrained(..., device_map=..., "
-                         "quantization_config=BitsAndBytesConfig(...)) and set quantization=None instead.")
+        raise ValueError(
+            f"LadderConfig({option}) quantizes a model on one device; this one is spread over "
+            f"{sorted(map(str, devices))}. Load it with from_pretrained(..., device_map=..., "
+            "quantization_config=BitsAndBytesConfig(...)) and set quantization=None instead."
+        )
     return devices.pop()
 
 
@@ -330,8 +354,10 @@ def _check_weights(modules: dict[str, nn.Module], option: str) -> None:
     for name, module in modules.items():
         dtype = module.weight.dtype
         if str(dtype).removeprefix("torch.") not in COMPUTE_DTYPES:
-            raise ValueError(f"LadderConfig({option}): bitsandbytes quantizes {COMPUTE_DTYPES} weights, but "
-                             f"{name}.weight is {dtype}. Cast the model first, e.g. model.to(torch.float32).")
+            raise ValueError(
+                f"LadderConfig({option}): bitsandbytes quantizes {COMPUTE_DTYPES} weights, but "
+                f"{name}.weight is {dtype}. Cast the model first, e.g. model.to(torch.float32)."
+            )
 
 
 def _float_dtype_name(model: nn.Module) -> str:
@@ -339,5 +365,13 @@ def _float_dtype_name(model: nn.Module) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-__all__ = ["INSTALL_HINT", "LadderQuantizationWarning", "as_bitsandbytes_config", "describe",
-           "is_bitsandbytes_available", "prepare_backbone", "quantize_in_place", "require_bitsandbytes"]
+__all__ = [
+    "INSTALL_HINT",
+    "LadderQuantizationWarning",
+    "as_bitsandbytes_config",
+    "describe",
+    "is_bitsandbytes_available",
+    "prepare_backbone",
+    "quantize_in_place",
+    "require_bitsandbytes",
+]

@@ -24,20 +24,59 @@ from peft_ladder import LadderConfig
 VOCAB = 96
 # name -> config factory: the architectures every common test runs on.
 ARCHS = {
-    "llama": lambda: tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=VOCAB),
-    "qwen2": lambda: tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=VOCAB),
-    "qwen3": lambda: tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
-    "mistral": lambda: tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                        sliding_window=None),
-    "gemma3": lambda: tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                          vocab_size=VOCAB, sliding_window=8),
-    "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-                                vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=128),
+    "llama": lambda: tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    ),
+    "qwen2": lambda: tf.Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    ),
+    "qwen3": lambda: tf.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+    ),
+    "mistral": lambda: tf.MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        sliding_window=None,
+    ),
+    "gemma3": lambda: tf.Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        sliding_window=8,
+    ),
+    "opt": lambda: tf.OPTConfig(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        word_embed_proj_dim=64,
+        max_position_embeddings=128,
+    ),
     "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=128),
 }
 # Variants of an architecture that a subset needs and the common tests do not: name -> (architecture, overrides).
@@ -45,11 +84,21 @@ ARCHS = {
 # cap of 1.0 bends them by about 10% where 30.0 would change them by about 1e-5.
 VARIANTS = {"gemma3-softcapped": ("gemma3", {"final_logit_softcapping": 1.0})}
 
-CAUSAL = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM,
-          "mistral": tf.MistralForCausalLM, "gemma3": tf.Gemma3ForCausalLM, "opt": tf.OPTForCausalLM,
-          "gpt2": tf.GPT2LMHeadModel}
-SEQ_CLS_CLASSES = {"llama": tf.LlamaForSequenceClassification, "qwen2": tf.Qwen2ForSequenceClassification,
-                   "opt": tf.OPTForSequenceClassification, "gpt2": tf.GPT2ForSequenceClassification}
+CAUSAL = {
+    "llama": tf.LlamaForCausalLM,
+    "qwen2": tf.Qwen2ForCausalLM,
+    "qwen3": tf.Qwen3ForCausalLM,
+    "mistral": tf.MistralForCausalLM,
+    "gemma3": tf.Gemma3ForCausalLM,
+    "opt": tf.OPTForCausalLM,
+    "gpt2": tf.GPT2LMHeadModel,
+}
+SEQ_CLS_CLASSES = {
+    "llama": tf.LlamaForSequenceClassification,
+    "qwen2": tf.Qwen2ForSequenceClassification,
+    "opt": tf.OPTForSequenceClassification,
+    "gpt2": tf.GPT2ForSequenceClassification,
+}
 
 # Named architecture subsets.
 ROTARY = ("llama", "qwen2", "qwen3", "mistral", "gemma3")  # rotary position embeddings inside attention
@@ -60,8 +109,9 @@ assert set(ROTARY) | set(ABSOLUTE_POSITIONS) == set(ARCHS)
 
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 # A test that needs bitsandbytes carries the tier marker and this clean skip where it is not installed.
-requires_bitsandbytes = pytest.mark.skipif(not HAS_BITSANDBYTES,
-                                           reason="needs bitsandbytes: pip install 'peft-ladder[bnb]'")
+requires_bitsandbytes = pytest.mark.skipif(
+    not HAS_BITSANDBYTES, reason="needs bitsandbytes: pip install 'peft-ladder[bnb]'"
+)
 BITSANDBYTES = [pytest.mark.bitsandbytes, requires_bitsandbytes]  # the same two, for a pytest.param's marks
 
 # id -> LadderConfig keyword arguments (on top of ladder()'s defaults): every kind of adapter a user can configure.
@@ -94,8 +144,11 @@ class Case(NamedTuple):
 
 def cases(archs, configs=CONFIG_CASES) -> list:
     """`archs` x `configs` as pytest params with ids like `llama-xladder`; quantized ones carry BITSANDBYTES."""
-    return [pytest.param(Case(arch, config), id=f"{arch}-{config}", marks=BITSANDBYTES if config in QUANTIZED else [])
-            for config in configs for arch in archs]
+    return [
+        pytest.param(Case(arch, config), id=f"{arch}-{config}", marks=BITSANDBYTES if config in QUANTIZED else [])
+        for config in configs
+        for arch in archs
+    ]
 
 
 # Why not the full product everywhere: a 4-bit backbone costs seconds to quantize on CPU where a float one costs
@@ -137,8 +190,12 @@ def bnb_4bit_causal_lm(arch: str = "llama"):
     its equivalent BitsAndBytesConfig: the base model a quantized adapter must reproduce."""
     with tempfile.TemporaryDirectory() as path:
         tiny_causal_lm(arch).save_pretrained(path)
-        quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        quantization = tf.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
         return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization).eval()
 
 

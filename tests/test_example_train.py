@@ -27,8 +27,18 @@ def load_example():
 def test_example_trains_every_method_and_prints_its_trainable_parameters(tmp_path):
     example = load_example()
     methods = [m for m in example.METHODS if m != "qlora" or HAS_BNB]
-    command = [sys.executable, str(SCRIPT), "--method", *methods, "--steps", "2", "--batch-size", "4",
-               "--output-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--method",
+        *methods,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EXPENSIVE_CASES, VOCAB, ladder
 from transformers.cache_utils import DynamicCache
 
-from conftest import EXPENSIVE_CASES, VOCAB, ladder
 from peft_ladder import LadderConfig
 
 # Every adapter here has random weights (init_weights=False), so that it really takes part in what is generated.
@@ -54,8 +54,13 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(arch_name):
     together = generate(model, inputs)
     for row in range(2):
         keep = inputs["attention_mask"][row].bool()
-        alone = generate(model, {"input_ids": inputs["input_ids"][row, keep][None],
-                                 "attention_mask": inputs["attention_mask"][row, keep][None]})
+        alone = generate(
+            model,
+            {
+                "input_ids": inputs["input_ids"][row, keep][None],
+                "attention_mask": inputs["attention_mask"][row, keep][None],
+            },
+        )
         assert torch.equal(together[row, -8:], alone[0, -8:]), row
 
 
@@ -81,8 +86,9 @@ def test_a_static_cache_is_refused_with_a_fix():
 @pytest.mark.parametrize("arch_name", ["llama", "gemma3"])
 def test_adapters_of_different_depths_each_generate_with_their_own_cache_slots(arch_name):
     model = ladder(arch_name, connections="xladder", side_layers=2, init_weights=False).eval()
-    model.add_adapter("deep", LadderConfig(task_type="CAUSAL_LM", reduction_factor=2, side_layers=6,
-                                           init_weights=False))
+    model.add_adapter(
+        "deep", LadderConfig(task_type="CAUSAL_LM", reduction_factor=2, side_layers=6, init_weights=False)
+    )
     inputs = prompts()
     for adapter in ("default", "deep", "default"):
         model.set_adapter(adapter)

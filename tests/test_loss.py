@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SOFT_CAPPED, VOCAB, batch, ladder, tiny_causal_lm
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from peft_ladder import LadderConfig
 from peft_ladder.loss import LadderChunkedLossOutput, chunked_cross_entropy
 from peft_ladder.memory import track_peak_memory
-
-from conftest import SOFT_CAPPED, VOCAB, batch, ladder, tiny_causal_lm
 
 # The bare head of the chunked-loss unit tests (not a tiny model's, whose vocabulary is conftest's VOCAB).
 HEAD_VOCAB, HEAD_WIDTH = 50, 16
@@ -53,7 +52,7 @@ def test_same_loss_and_gradients_as_transformers(chunk_size, kwargs):
     got = chunked_cross_entropy(hidden, head, labels, chunk_size=chunk_size, **kwargs)
     torch.testing.assert_close(got, expected)
     params = (hidden, head.weight, head.bias)
-    for g, e in zip(_grads(got, *params), _grads(expected, *params)):
+    for g, e in zip(_grads(got, *params), _grads(expected, *params), strict=True):
         torch.testing.assert_close(g, e)
 
 
@@ -63,7 +62,7 @@ def test_shift_labels_and_softcap():
     expected = _reference(head, hidden, None, softcap=2.0, shift_labels=shift_labels)
     got = chunked_cross_entropy(hidden, head, None, chunk_size=3, shift_labels=shift_labels, softcap=2.0)
     torch.testing.assert_close(got, expected)
-    for g, e in zip(_grads(got, hidden, head.weight), _grads(expected, hidden, head.weight)):
+    for g, e in zip(_grads(got, hidden, head.weight), _grads(expected, hidden, head.weight), strict=True):
         torch.testing.assert_close(g, e)
 
 

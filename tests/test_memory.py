@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import batch, tiny_causal_lm
 from torch.profiler import ProfilerActivity, profile
 
 from peft_ladder.memory import CUDA_METHOD, LIVE_STORAGE_METHOD, held_tensors, track_peak_memory
-
-from conftest import batch, tiny_causal_lm
 
 F32 = 4
 

@@ -21,8 +21,11 @@ def kernel_name(tmp_path, monkeypatch) -> str:
     """A kernel spec that runs this very interpreter (a machine-wide `python3` spec may point at another one)."""
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "peft-ladder tests", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "peft-ladder tests",
+        "language": "python",
+    }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return KERNEL
@@ -40,15 +43,17 @@ def test_both_notebooks_are_committed_with_outputs_stripped():
 
 def run(name: str, kernel_name: str, tmp_path: Path):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name=kernel_name,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name=kernel_name, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
     return notebook
 
 
 def outputs(notebook, kind: str) -> list:
-    return [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
-            if out.output_type == kind]
+    return [
+        out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == kind
+    ]
 
 
 @pytest.mark.slow

@@ -99,9 +99,9 @@ SIDE_CASES = {
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("case", list(SIDE_CASES))
 def test_side_network_prediction_follows_the_built_module(arch, case):
+    from conftest import tiny_causal_lm
     from peft import get_peft_model
 
-    from conftest import tiny_causal_lm
     from peft_ladder import LadderConfig
 
     config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, **SIDE_CASES[case])
@@ -130,13 +130,25 @@ def test_cli_imports_neither_peft_nor_bitsandbytes():
     # `python -m peft_ladder.planner` plans from a config alone: the training stack, and bitsandbytes' start-up
     # warning about CPU kernels, have no business there.
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    command = [sys.executable, "-X", "importtime", "-m", "peft_ladder.planner", "--config",
-               "benchmarks/configs/qwen2.5-7b.json", "--seq-len", "2048"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300,
-                            env={**os.environ, "PYTHONPATH": root})
+    command = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "peft_ladder.planner",
+        "--config",
+        "benchmarks/configs/qwen2.5-7b.json",
+        "--seq-len",
+        "2048",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=root, timeout=300, env={**os.environ, "PYTHONPATH": root}
+    )
     assert result.returncode == 0, result.stderr
     assert "| ladder-4bit |" in result.stdout
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")
+    }
     assert "transformers" in imported  # the -X importtime report was read
     assert not {"peft", "bitsandbytes"} & imported
     assert "kernels-community" not in result.stdout + result.stderr

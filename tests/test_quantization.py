@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import ABSOLUTE_POSITIONS, ROTARY, batch, ladder, logits, tiny_causal_lm
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from conftest import ABSOLUTE_POSITIONS, ROTARY, batch, ladder, logits, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder import quantization as q
 from peft_ladder.layer import LadderLayer
@@ -26,9 +26,11 @@ except ImportError:
     bnb = None
 pytestmark = [pytest.mark.bitsandbytes, pytest.mark.filterwarnings("ignore:MatMul8bitLt")]
 # These check what happens *without* bitsandbytes, so they also run where it is missing.
-RUN_WITHOUT_BNB = {"test_missing_bitsandbytes_raises_the_install_command_and_leaves_the_model_unchanged",
-                   "test_without_bitsandbytes_importable_ladder_works_and_quantization_says_how_to_install",
-                   "test_config_fields_are_recorded_json_safe_and_validated"}
+RUN_WITHOUT_BNB = {
+    "test_missing_bitsandbytes_raises_the_install_command_and_leaves_the_model_unchanged",
+    "test_without_bitsandbytes_importable_ladder_works_and_quantization_says_how_to_install",
+    "test_config_fields_are_recorded_json_safe_and_validated",
+}
 
 # One rotary and both absolute-position architectures, saved to disk once (the `saved` fixture).
 SAVED_ARCHS = (ROTARY[0], *ABSOLUTE_POSITIONS)
@@ -44,10 +46,18 @@ def _needs_bitsandbytes(request):
 
 def count(model, kind):
     return sum(isinstance(m, getattr(bnb.nn, QLINEAR[kind])) for m in model.modules())
+
+
 # What LadderConfig(quantization=kind) is documented to be equivalent to (nf4 and double quant are its defaults).
-BNB = {"4bit": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32),
-       "8bit": lambda: BitsAndBytesConfig(load_in_8bit=True)}
+BNB = {
+    "4bit": lambda: BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
+    "8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +81,11 @@ def lm_batch():
 
 def module_types(model):
     """Module classes by name, seen through Ladder's wrappers (`layers.0.base_layer.mlp` -> `layers.0.mlp`)."""
-    return {name.replace(".base_layer", ""): type(m) for name, m in model.named_modules()
-            if "ladder_" not in name and not isinstance(m, LadderLayer)}
+    return {
+        name.replace(".base_layer", ""): type(m)
+        for name, m in model.named_modules()
+        if "ladder_" not in name and not isinstance(m, LadderLayer)
+    }
 
 
 def unchanged(model, reference_state):
@@ -84,7 +97,7 @@ def unchanged(model, reference_state):
     assert state.keys() == reference_state.keys() and all(torch.equal(state[k], reference_state[k]) for k in state)
 
 
-# --- LadderConfig(quantization=...) quantizes like BitsAndBytesConfig loading ------------------------------------------
+# --- LadderConfig(quantization=...) quantizes like BitsAndBytesConfig loading ---------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,8 +105,9 @@ def unchanged(model, reference_state):
 def test_config_quantizes_in_place_exactly_as_bitsandbytes_loading(saved, arch, kind):
     reference = load(saved[arch], kind)
     with pytest.warns(q.LadderQuantizationWarning, match=rf"quantized the backbone in place.*{kind} layers"):
-        model = get_peft_model(load(saved[arch]), LadderConfig(task_type="CAUSAL_LM", reduction_factor=4,
-                                                               quantization=kind))
+        model = get_peft_model(
+            load(saved[arch]), LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, quantization=kind)
+        )
     base = model.get_base_model()
     # Same layers, same quantized tensors (compared before any forward: bnb repacks CPU weights on first use).
     assert module_types(base) == module_types(reference)
@@ -134,7 +148,7 @@ def test_the_resolved_compute_dtype_follows_the_backbone(saved):
     assert all(m.compute_dtype == torch.bfloat16 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 
-# --- both paths train, and the backbone stays out of autograd ----------------------------------------------------------
+# --- both paths train, and the backbone stays out of autograd -------------------------------------------------------
 
 
 def build(saved, arch, kind, path):
@@ -144,8 +158,10 @@ def build(saved, arch, kind, path):
 
 
 # Each path meets both bit widths and both architectures (the full product is 2x slower for no new code path).
-@pytest.mark.parametrize(("arch", "kind", "path"), [("llama", "4bit", "config"), ("llama", "8bit", "qlora"),
-                                                    ("opt", "8bit", "config"), ("opt", "4bit", "qlora")])
+@pytest.mark.parametrize(
+    ("arch", "kind", "path"),
+    [("llama", "4bit", "config"), ("llama", "8bit", "qlora"), ("opt", "8bit", "config"), ("opt", "4bit", "qlora")],
+)
 def test_training_steps_lower_the_loss_and_change_only_the_side_network(saved, arch, kind, path):
     model = build(saved, arch, kind, path).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".ladder_" not in n}
@@ -176,11 +192,13 @@ def test_quantized_backbone_saves_nothing_for_backward_whatever_is_switched_on(s
         assert saved_bytes(switched, lm_batch()) == reference
     assert all(p.grad is None for n, p in switched.named_parameters() if ".ladder_" not in n)
     # The config path builds the same model, so it saves the same bytes.
-    assert saved_bytes(ladder(load(saved["llama"]), quantization=kind, init_weights=False).train(),
-                       lm_batch()) == reference
+    assert (
+        saved_bytes(ladder(load(saved["llama"]), quantization=kind, init_weights=False).train(), lm_batch())
+        == reference
+    )
 
 
-# --- what a saved adapter says about its backbone, and reloading on it -------------------------------------------------
+# --- what a saved adapter says about its backbone, and reloading on it ----------------------------------------------
 
 
 def test_qlora_path_records_the_backbone_in_the_saved_config(saved, tmp_path):
@@ -188,9 +206,12 @@ def test_qlora_path_records_the_backbone_in_the_saved_config(saved, tmp_path):
     model = ladder(base)
     model.save_pretrained(tmp_path)
     saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert {k: saved_config[k] for k in q.FIELDS} == {"quantization": "4bit", "bnb_4bit_quant_type": "fp4",
-                                                      "bnb_4bit_use_double_quant": False,
-                                                      "bnb_4bit_compute_dtype": "float32"}
+    assert {k: saved_config[k] for k in q.FIELDS} == {
+        "quantization": "4bit",
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_compute_dtype": "float32",
+    }
     eight = ladder(load(saved["llama"], "8bit"))
     assert eight.peft_config["default"].quantization == "8bit"
 
@@ -215,8 +236,18 @@ def test_adapter_reloaded_on_a_full_precision_base_runs_on_the_same_quantization
     # model's outputs then shift by about 1e-3.)
     assert torch.equal(logits(loaded), before)
     # ... and on a base loaded in the same quantization, with the adapter's numbers exactly.
-    again = PeftModel.from_pretrained(load(saved["llama"], kind, **({} if kind == "8bit" else dict(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))), tmp_path)
+    again = PeftModel.from_pretrained(
+        load(
+            saved["llama"],
+            kind,
+            **(
+                {}
+                if kind == "8bit"
+                else dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+            ),
+        ),
+        tmp_path,
+    )
     assert torch.equal(logits(again), before)
 
 
@@ -237,9 +268,12 @@ def test_a_base_quantized_differently_is_refused_with_the_way_to_choose(saved, t
     ladder(load(saved["llama"]), quantization="4bit", init_weights=False).save_pretrained(tmp_path)
     base = load(saved["llama"], "8bit")
     types_before = module_types(base)
-    with pytest.raises(ValueError, match=r"asks for a backbone quantized as BitsAndBytesConfig\(load_in_4bit=True, "
-                                         r"bnb_4bit_quant_type='nf4'.*already quantized as BitsAndBytesConfig\("
-                                         r"load_in_8bit=True\).*config.quantization = None"):
+    with pytest.raises(
+        ValueError,
+        match=r"asks for a backbone quantized as BitsAndBytesConfig\(load_in_4bit=True, "
+        r"bnb_4bit_quant_type='nf4'.*already quantized as BitsAndBytesConfig\("
+        r"load_in_8bit=True\).*config.quantization = None",
+    ):
         PeftModel.from_pretrained(base, tmp_path)
     assert module_types(base) == types_before  # nothing wrapped, nothing replaced
     # The documented override: run the adapter on this backbone anyway.
@@ -251,8 +285,12 @@ def test_a_base_quantized_differently_is_refused_with_the_way_to_choose(saved, t
 
 def test_another_compute_dtype_warns_and_records_what_runs(saved):
     with pytest.warns(q.LadderQuantizationWarning, match="bnb_4bit_compute_dtype='bfloat16'.* differs"):
-        model = get_peft_model(load(saved["llama"], "4bit"), LadderConfig(
-            task_type="CAUSAL_LM", reduction_factor=4, quantization="4bit", bnb_4bit_compute_dtype="bfloat16"))
+        model = get_peft_model(
+            load(saved["llama"], "4bit"),
+            LadderConfig(
+                task_type="CAUSAL_LM", reduction_factor=4, quantization="4bit", bnb_4bit_compute_dtype="bfloat16"
+            ),
+        )
     assert model.peft_config["default"].bnb_4bit_compute_dtype == "float32"
 
 
@@ -268,15 +306,18 @@ def test_old_adapter_configs_without_the_fields_still_load(saved, tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
-# --- errors leave the model as it was ----------------------------------------------------------------------------------
+# --- errors leave the model as it was -------------------------------------------------------------------------------
 
 
 def test_missing_bitsandbytes_raises_the_install_command_and_leaves_the_model_unchanged(saved, monkeypatch):
     monkeypatch.setattr(q, "bitsandbytes_version", lambda: None)  # the cached probe, as if the import failed
     model = load(saved["llama"])
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ImportError, match=r"quantization='4bit'.*bitsandbytes package.*pip install "
-                                          r"'peft-ladder\[bnb\]'.*pip install 'bitsandbytes>=0.48'"):
+    with pytest.raises(
+        ImportError,
+        match=r"quantization='4bit'.*bitsandbytes package.*pip install "
+        r"'peft-ladder\[bnb\]'.*pip install 'bitsandbytes>=0.48'",
+    ):
         get_peft_model(model, LadderConfig(task_type="CAUSAL_LM", quantization="4bit"))
     unchanged(model, state)
     ladder(model)  # without quantization, bitsandbytes is never needed
@@ -300,15 +341,19 @@ def test_without_bitsandbytes_importable_ladder_works_and_quantization_says_how_
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "ImportError: LadderConfig(quantization='8bit') needs the bitsandbytes package" in result.stdout, (
-        result.stderr[-2000:])
+        result.stderr[-2000:]
+    )
     assert "pip install 'peft-ladder[bnb]'" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_kind_unavailable_on_the_device_names_the_option_and_the_alternatives(kind):
-    with pytest.raises(ValueError, match=rf"LadderConfig\(quantization='{kind}'.*not available on device 'cuda'.*"
-                                         r"quantization=None"):
+    with pytest.raises(
+        ValueError,
+        match=rf"LadderConfig\(quantization='{kind}'.*not available on device 'cuda'.*"
+        r"quantization=None",
+    ):
         q.check_kind_available(kind, "nf4", torch.device("cuda"))
 
 
@@ -334,15 +379,16 @@ def test_a_second_adapter_cannot_quantize_under_the_first(saved):
     assert quantized.peft_config["other"].quantization == "4bit"
 
 
-# --- CUDA kernels ------------------------------------------------------------------------------------------------------
+# --- CUDA kernels ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_config_path_matches_bitsandbytes_loading_and_trains(saved, kind):
-    reference = AutoModelForCausalLM.from_pretrained(saved["llama"], quantization_config=BNB[kind](),
-                                                     device_map={"": 0})
+    reference = AutoModelForCausalLM.from_pretrained(
+        saved["llama"], quantization_config=BNB[kind](), device_map={"": 0}
+    )
     model = ladder(AutoModelForCausalLM.from_pretrained(saved["llama"]).cuda(), quantization=kind)
     inputs = {k: v.cuda() for k, v in lm_batch().items()}
     torch.testing.assert_close(logits(model, inputs), logits(reference, inputs))

@@ -68,8 +68,9 @@ def test_public_api():
 def run(code: str, **env) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 def test_python_start_up_imports_neither_torch_nor_peft():
@@ -79,8 +80,10 @@ def test_python_start_up_imports_neither_torch_nor_peft():
 
 
 def test_import_peft_alone_registers_ladder():
-    result = run("import peft, sys; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; "
-                 "print('LADDER' in m, 'peft_ladder' in sys.modules)")
+    result = run(
+        "import peft, sys; from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as m; "
+        "print('LADDER' in m, 'peft_ladder' in sys.modules)"
+    )
     assert result.stdout.split() == ["True", "True"], result.stderr
 
 
@@ -91,15 +94,17 @@ def test_autoload_can_be_turned_off():
 
 def test_a_broken_plugin_warns_but_never_breaks_import_peft():
     # A failing `import peft_ladder` (simulated by a module that raises) must leave `import peft` working.
-    code = ("import sys, types, importlib.abc\n"
-            "class Broken(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'peft_ladder': raise RuntimeError('boom')\n"
-            "sys.meta_path.insert(0, Broken())\n"
-            "import warnings\n"
-            "with warnings.catch_warnings(record=True) as caught:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import peft\n"
-            "print('imported', any('could not register the LADDER tuner' in str(w.message) for w in caught))\n")
+    code = (
+        "import sys, types, importlib.abc\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'peft_ladder': raise RuntimeError('boom')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import peft\n"
+        "print('imported', any('could not register the LADDER tuner' in str(w.message) for w in caught))\n"
+    )
     result = run(code)
     assert result.stdout.split() == ["imported", "True"], result.stderr

@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import EXPENSIVE_CASES, batch, ladder, logits, tiny_causal_lm, tiny_seq_cls
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from safetensors.torch import load_file
 
-from conftest import EXPENSIVE_CASES, batch, ladder, logits, tiny_causal_lm, tiny_seq_cls
 from peft_ladder import LadderConfig
 from peft_ladder.layer import LadderLayer
 from peft_ladder.quantization import LadderQuantizationWarning
@@ -50,7 +50,8 @@ def test_peft_model_from_pretrained_gives_identical_logits(trained):
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
     trainable = PeftModel.from_pretrained(tiny_causal_lm("llama"), trained.adapter_dir, is_trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
-        n for n, _ in trainable.named_parameters() if ".ladder_" in n}
+        n for n, _ in trainable.named_parameters() if ".ladder_" in n
+    }
 
 
 def test_low_cpu_mem_usage_and_another_adapter_name_give_identical_logits(trained):
@@ -90,7 +91,8 @@ def test_reload_in_a_fresh_process(trained, tmp_path, imports):
         inputs = {{k: torch.tensor(v) for k, v in {json.dumps({k: v.tolist() for k, v in batch().items()})}.items()}}
         with torch.no_grad():
             got = model(**inputs).logits
-        assert torch.equal(got, torch.load({str(tmp_path / "expected.pt")!r})), (got - torch.load({str(tmp_path / "expected.pt")!r})).abs().max()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        assert torch.equal(got, expected), (got - expected).abs().max()
         print("OK")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -99,14 +101,16 @@ def test_reload_in_a_fresh_process(trained, tmp_path, imports):
 
 def test_add_set_delete_adapter(trained):
     model = PeftModel.from_pretrained(tiny_causal_lm("llama"), trained.adapter_dir, adapter_name="a")
-    model.add_adapter("b", LadderConfig(task_type="CAUSAL_LM", reduction_factor=8, connections="ladder",
-                                        init_weights=False))
+    model.add_adapter(
+        "b", LadderConfig(task_type="CAUSAL_LM", reduction_factor=8, connections="ladder", init_weights=False)
+    )
     assert model.active_adapter == "a" and torch.equal(logits(model), trained.logits)
     model.set_adapter("b")
     other = logits(model)
     assert not torch.equal(other, trained.logits)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        n for n, _ in model.named_parameters() if ".ladder_side.b." in n}
+        n for n, _ in model.named_parameters() if ".ladder_side.b." in n
+    }
     model.set_adapter("a")
     assert torch.equal(logits(model), trained.logits)
     model.delete_adapter("a")

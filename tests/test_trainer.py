@@ -10,23 +10,41 @@ import warnings
 
 import pytest
 import torch
+from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_lm
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file
+from tiny_training import BackboneSaveProbe, counting_rows, side_parameters, watch_training
 from transformers import Trainer, TrainingArguments
 
-from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_lm
 from peft_ladder.layer import GC_WARNING
 from peft_ladder.memory import saved_bytes
-from tiny_training import BackboneSaveProbe, counting_rows, side_parameters, watch_training
 
-CHECKPOINT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
-                    "scheduler.pt", "trainer_state.json", "training_args.bin"}
+CHECKPOINT_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "rng_state.pth",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+}
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
-    args = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+    args = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     args.update(overrides)
     return TrainingArguments(**args)
 
@@ -42,8 +60,9 @@ def gc_warnings(records) -> list:
 @pytest.mark.slow
 def test_trainer_learns_with_checkpointing_keeps_the_backbone_out_of_autograd_and_warns_once(tmp_path):
     model = ladder(seed=0)
-    args = training_args(tmp_path, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant",
-                         activation_checkpointing=True)
+    args = training_args(
+        tmp_path, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant", activation_checkpointing=True
+    )
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset(), eval_dataset=train_dataset(8, seed=99))
     before = trainer.evaluate()["eval_loss"]
     with watch_training(model) as (probe, records):
@@ -81,9 +100,11 @@ def test_gradient_checkpointing_changes_no_weight_and_saves_less(tmp_path):
     results = {}
     for checkpointing in (False, True):
         model = ladder(seed=0)
-        trainer = Trainer(model=model, args=training_args(tmp_path / str(checkpointing), max_steps=3,
-                                                          activation_checkpointing=checkpointing),
-                          train_dataset=train_dataset())
+        trainer = Trainer(
+            model=model,
+            args=training_args(tmp_path / str(checkpointing), max_steps=3, activation_checkpointing=checkpointing),
+            train_dataset=train_dataset(),
+        )
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             trainer.train()
@@ -113,8 +134,12 @@ def test_checkpoints_hold_only_the_adapter_and_the_final_adapter_reloads_identic
         assert len(optimizer["state"]) == len(trainable)  # optimizer state for the side network only
 
     trainer.save_model(tmp_path / "final")
-    assert {p.name for p in (tmp_path / "final").iterdir()} == {"README.md", "adapter_config.json",
-                                                                  "adapter_model.safetensors", "training_args.bin"}
+    assert {p.name for p in (tmp_path / "final").iterdir()} == {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_args.bin",
+    }
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "final")
     assert torch.equal(logits(reloaded.eval()), logits(model.eval()))
     assert not torch.equal(logits(reloaded.eval()), logits(tiny_causal_lm("llama")))  # it did train
@@ -141,8 +166,9 @@ def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path):
     runs = {}
     for name, (size, accumulation) in {"big": (8, 1), "accumulated": (2, 4)}.items():
         model = ladder(seed=0, init_weights=False)
-        args = training_args(tmp_path / name, per_device_train_batch_size=size,
-                             gradient_accumulation_steps=accumulation, **common)
+        args = training_args(
+            tmp_path / name, per_device_train_batch_size=size, gradient_accumulation_steps=accumulation, **common
+        )
         Trainer(model=model, args=args, train_dataset=data).train()
         runs[name] = side_parameters(model)
     for name in runs["big"]:
@@ -158,7 +184,7 @@ def test_gradient_accumulation_gives_the_gradients_of_one_big_batch(tmp_path):
 
     rows = data[:8]
     whole = gradient([rows])
-    means = gradient([{k: v[i:i + 2] for k, v in rows.items()} for i in range(0, 8, 2)])
+    means = gradient([{k: v[i : i + 2] for k, v in rows.items()} for i in range(0, 8, 2)])
     assert (whole - means).abs().max() > 1e-4
 
 
@@ -176,7 +202,9 @@ def test_disable_adapter_inside_a_training_step_gives_the_base_model_and_keeps_t
             with torch.no_grad(), model.disable_adapter():
                 ref_logits = model(**inputs).logits
         policy_logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(policy_logits[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            policy_logits[:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten()
+        )
         if reference == "after":
             with torch.no_grad(), model.disable_adapter():
                 ref_logits = model(**inputs).logits
@@ -209,8 +237,10 @@ def test_qlora_recipe_4bit_prepare_for_kbit_training_then_trainer_keeps_the_back
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_causal_lm("llama").save_pretrained(tmp_path / "base")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+    )
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = ladder(base, seed=0)
     trainer = Trainer(model=model, args=training_args(tmp_path / "run", max_steps=3), train_dataset=train_dataset())

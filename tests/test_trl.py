@@ -12,23 +12,34 @@ import warnings
 import pytest
 import torch
 from accelerate.utils import extract_model_from_parallel
+from conftest import logits, requires_bitsandbytes, tiny_causal_lm
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_training import BackboneSaveProbe, char_tokenizer, counting_texts, watch_training
 
-from conftest import logits, requires_bitsandbytes, tiny_causal_lm
 from peft_ladder import LadderConfig
 from peft_ladder.layer import GC_WARNING
-from tiny_training import BackboneSaveProbe, char_tokenizer, counting_texts, watch_training
 
 trl = pytest.importorskip("trl")
 
 
 def sft_config(output_dir, **overrides):
     # TRL's defaults (gradient checkpointing on, bf16 on) except what a CPU test needs: use_cpu, few steps, no logging.
-    args = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=30, learning_rate=3e-3,
-                lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                max_length=32, seed=0, disable_tqdm=True)
+    args = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=30,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        max_length=32,
+        seed=0,
+        disable_tqdm=True,
+    )
     args.update(overrides)
     return trl.SFTConfig(**args)
 
@@ -69,8 +80,17 @@ def test_sft_trainer_with_trl_defaults_learns_keeps_the_backbone_out_and_saves_o
     assert [str(w.message) for w in records].count(GC_WARNING) == 1
     checkpoint = tmp_path / "run" / "checkpoint-30"
     assert {p.name for p in checkpoint.iterdir()} == {
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
-        "scheduler.pt", "trainer_state.json", "training_args.bin", "tokenizer.json", "tokenizer_config.json"}
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+        "scheduler.pt",
+        "trainer_state.json",
+        "training_args.bin",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     keys = set(load_file(checkpoint / "adapter_model.safetensors"))
     assert keys == {n.replace(".default.", ".") for n, _ in model.named_parameters() if ".ladder_" in n}
     trainer.save_model(tmp_path / "final")
@@ -84,13 +104,27 @@ def test_dpo_reference_pass_through_disable_adapter(tmp_path):
     # DPOTrainer without ref_model uses the PEFT model with disable_adapter() as the reference. A random (non-zero)
     # up-projection makes policy and reference differ from the first step on: rewards are then non-zero.
     texts = counting_texts(16, length=12)
-    data = Dataset.from_dict({"prompt": [t[:6] for t in texts], "chosen": [t[6:] for t in texts],
-                              "rejected": [t[6:][::-1] for t in texts]})
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=3e-3,
-                         logging_steps=1, report_to=[], use_cpu=True, bf16=False, disable_tqdm=True)
-    trainer = trl.DPOTrainer(model=tiny_causal_lm("llama"), args=args, train_dataset=data,
-                             processing_class=char_tokenizer(),
-                             peft_config=LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False))
+    data = Dataset.from_dict(
+        {"prompt": [t[:6] for t in texts], "chosen": [t[6:] for t in texts], "rejected": [t[6:][::-1] for t in texts]}
+    )
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    trainer = trl.DPOTrainer(
+        model=tiny_causal_lm("llama"),
+        args=args,
+        train_dataset=data,
+        processing_class=char_tokenizer(),
+        peft_config=LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False),
+    )
     assert trainer.ref_model is None
     probe = BackboneSaveProbe(trainer.model)
     with probe.track():
@@ -152,8 +186,9 @@ def test_ladder_quantization_through_sft_trainer_keeps_the_side_network_fp32(tmp
     # the backbone ends up 4-bit and the side network keeps fp32.
     import bitsandbytes as bnb
 
-    config = LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, quantization="4bit",
-                          bnb_4bit_compute_dtype="float32")
+    config = LadderConfig(
+        task_type="CAUSAL_LM", reduction_factor=4, quantization="4bit", bnb_4bit_compute_dtype="float32"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = sft_trainer(tmp_path / "run", peft_config=config, bf16=False, max_steps=2)

@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from peft.tuners.tuners_utils import BaseTunerLayer
-
 from conftest import CHEAP_CASES, SEQ_CLS, VOCAB, base_model, batch, ladder, logits, tiny_causal_lm, tiny_seq_cls
-from peft_ladder.layer import LadderFusionLayer, LadderTapLayer
-from peft_ladder.memory import saved_bytes
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_training import BackboneSaveProbe
 
+from peft_ladder import LadderConfig
+from peft_ladder.layer import BackboneGuard, LadderFusionLayer, LadderTapLayer
+from peft_ladder.memory import saved_bytes
 
 # --- the common tests: every config of the case table on every architecture ---------------------------------------
 
@@ -156,13 +156,13 @@ def test_left_padded_rows_match_each_row_alone(arch):
     input_ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = logits(model, {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids})
     for i, row in enumerate(rows):
         alone = logits(model, {"input_ids": row[None], "attention_mask": torch.ones(1, len(row), dtype=torch.long)})
-        torch.testing.assert_close(padded[i, width - len(row):], alone[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(padded[i, width - len(row) :], alone[0], atol=1e-5, rtol=1e-4)
 
 
 def test_output_hidden_states_and_attentions_are_the_backbones():
@@ -174,7 +174,8 @@ def test_output_hidden_states_and_attentions_are_the_backbones():
         out = model(**batch(), output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == len(expected.hidden_states) == 5
     assert len(out.attentions) == len(expected.attentions)
-    for got, want in zip(out.hidden_states[:-1], expected.hidden_states[:-1]):  # the last one is after the fusion
+    # The last hidden state is taken after the fusion; every earlier one is the backbone's own.
+    for got, want in zip(out.hidden_states[:-1], expected.hidden_states[:-1], strict=True):
         assert torch.equal(got, want)
     assert not torch.equal(out.hidden_states[-1], expected.hidden_states[-1])
 
@@ -226,3 +227,32 @@ def test_side_blocks_keep_the_rotary_head_size_whatever_the_side_width(arch_name
         side = model.base_model.model.model.norm.ladder_side["default"]
         assert side.side_config.head_dim == head_dim
         assert all(p.grad is not None for p in side.parameters())
+
+
+def _guard_hooks(model) -> tuple[int, int, int]:
+    """(decoder pre-hooks, decoder post-hooks, fusion pre-hooks) installed by Ladder's BackboneGuard."""
+    decoder = model.get_submodule("model")
+    fusion = next(m for m in model.modules() if isinstance(m, LadderFusionLayer))
+
+    def owned(hooks: dict) -> int:
+        return sum(isinstance(getattr(hook, "__self__", None), BackboneGuard) for hook in hooks.values())
+
+    return owned(decoder._forward_pre_hooks), owned(decoder._forward_hooks), owned(fusion._forward_pre_hooks)
+
+
+def test_one_guard_whatever_adapters_are_added_deleted_or_reloaded(tmp_path):
+    model = ladder("llama", init_weights=False)
+    assert _guard_hooks(model.base_model.model) == (1, 1, 1)
+    model.add_adapter("second", LadderConfig(task_type="CAUSAL_LM", connections="xladder", init_weights=False))
+    model.set_adapter("second")
+    assert _guard_hooks(model.base_model.model) == (1, 1, 1)
+    model.delete_adapter("second")
+    assert _guard_hooks(model.base_model.model) == (1, 1, 1)
+    model.save_pretrained(tmp_path)
+    expected = logits(model, batch())
+    base = model.unload()
+    assert not any(isinstance(m, LadderFusionLayer) for m in base.modules())
+    assert base.model._forward_pre_hooks == {} and base.model._forward_hooks == {}
+    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    assert _guard_hooks(reloaded.base_model.model) == (1, 1, 1)
+    assert torch.equal(logits(reloaded, batch()), expected)

@@ -10,9 +10,8 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch import nn
-
 from conftest import VOCAB
+from torch import nn
 
 # 3 special tokens (pad 0, eos 1, bos 2, as in conftest.tiny_config) + 93 characters = the tiny models' VOCAB.
 ALPHABET = "".join(chr(c) for c in range(33, 127))[: VOCAB - 3]
