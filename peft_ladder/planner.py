@@ -393,15 +393,8 @@ def main(argv=None) -> int:
             side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate
         )
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {**asdict(estimate(config, m, **kwargs)), "gib": estimate(config, m, **kwargs).gib()}
-                    for m in methods
-                ],
-                indent=1,
-            )
-        )
+        estimates = [estimate(config, method, **kwargs) for method in methods]
+        print(json.dumps([{**asdict(e), "gib": e.gib()} for e in estimates], indent=1))
     else:
         print(markdown(config, methods, **kwargs))
     return 0
