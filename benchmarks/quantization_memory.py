@@ -145,6 +145,38 @@ def training_step(model_name: str, method: str, inputs: dict) -> dict:
     return record
 
 
+def parameter_table(result: dict) -> str:
+    """The parameter bytes of a results file as markdown, one row per precision."""
+    lines = [
+        "| precision | decoder linear layers | embeddings, norms, head | total | total / fp32 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    fp32 = result["parameter_bytes"]["fp32"]["total_bytes"]
+    for name, sizes in result["parameter_bytes"].items():
+        lines.append(
+            f"| {name} | {sizes['decoder_linear_bytes'] / 2**20:,.1f} MiB | {sizes['other_bytes'] / 2**20:,.1f} MiB "
+            f"| {sizes['total_bytes'] / 2**20:,.1f} MiB | {sizes['total_bytes'] / fp32:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def training_table(result: dict) -> str:
+    """The training steps of a results file as markdown, with each peak over QLoRA's."""
+    lines = [
+        "| method | trainable params | peak (step 2) | held at entry | saved for backward | peak / QLoRA | CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    qlora_peak = result["training_step"][0]["step2"]["peak_bytes"]
+    for record in result["training_step"]:
+        step = record["step2"]
+        lines.append(
+            f"| {record['method']} | {record['trainable_params']:,} | {step['peak_bytes'] / 2**20:,.1f} MiB | "
+            f"{step['baseline_bytes'] / 2**20:,.1f} MiB | {record['saved_for_backward_bytes'] / 2**20:,.1f} MiB | "
+            f"{step['peak_bytes'] / qlora_peak:.2f} | {step['cpu_seconds']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
@@ -177,36 +209,21 @@ def main() -> None:
         },
     }
 
-    print(f"## Parameter bytes, {args.model}-like backbone (random weights)\n")
-    print("| precision | decoder linear layers | embeddings, norms, head | total | total / fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: |")
     result["parameter_bytes"] = {}
     for name, (dtype, kind) in PRECISIONS.items():
-        sizes = result["parameter_bytes"][name] = parameter_bytes(build(args.model, dtype, kind))
-        fp32 = result["parameter_bytes"]["fp32"]["total_bytes"]
-        print(
-            f"| {name} | {sizes['decoder_linear_bytes'] / 2**20:,.1f} MiB | {sizes['other_bytes'] / 2**20:,.1f} MiB "
-            f"| {sizes['total_bytes'] / 2**20:,.1f} MiB | {sizes['total_bytes'] / fp32:.3f} |"
-        )
+        result["parameter_bytes"][name] = parameter_bytes(build(args.model, dtype, kind))
+    print(f"## Parameter bytes, {args.model}-like backbone (random weights)\n")
+    print(parameter_table(result))
 
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, MODELS[args.model]().vocab_size, (args.batch, args.length), generator=generator)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     methods = ("qlora", "qlora + gradient checkpointing", "ladder-4bit, model's loss", "ladder-4bit, defaults")
     result["training_step"] = [training_step(args.model, method, inputs) for method in methods]
-    qlora_peak = result["training_step"][0]["step2"]["peak_bytes"]
     print(
         f"\n## Training step peak memory, 4-bit nf4 backbone (bf16 float parts), batch {args.batch} x {args.length}\n"
     )
-    print("| method | trainable params | peak (step 2) | held at entry | saved for backward | peak / QLoRA | CPU s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for record in result["training_step"]:
-        step = record["step2"]
-        print(
-            f"| {record['method']} | {record['trainable_params']:,} | {step['peak_bytes'] / 2**20:,.1f} MiB | "
-            f"{step['baseline_bytes'] / 2**20:,.1f} MiB | {record['saved_for_backward_bytes'] / 2**20:,.1f} MiB | "
-            f"{step['peak_bytes'] / qlora_peak:.2f} | {step['cpu_seconds']} |"
-        )
+    print(training_table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwritten: {args.out}")
