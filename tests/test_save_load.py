@@ -160,6 +160,8 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkey
             uploaded["repo_id"] = repo_id
 
     monkeypatch.setattr(transformers_hub, "_hf_api", CapturedHub())
+    base = str(trained.base_dir)  # a local path: PEFT reads the base model's config.json while saving
+    monkeypatch.setattr(trained.model.peft_config["default"], "base_model_name_or_path", base)
     trained.model.push_to_hub("someone/ladder-adapter")
     assert uploaded.pop("repo_id") == "someone/ladder-adapter"
     assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -167,6 +169,37 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkey
     front_matter = card.split("---")[1]
     assert "library_name: peft" in front_matter
     assert "- ladder" in front_matter
+    assert f"base_model: {base}" in front_matter
+
+
+def test_pushed_model_card_says_how_to_load_and_records_the_config_and_base_model(trained, monkeypatch):
+    import transformers.utils.hub as transformers_hub
+
+    uploaded = {}
+
+    class CapturedHub:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            uploaded.update({op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations})
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", CapturedHub())
+    base = str(trained.base_dir)  # a local path: PEFT reads the base model's config.json while saving
+    monkeypatch.setattr(trained.model.peft_config["default"], "base_model_name_or_path", base)
+    trained.model.push_to_hub("someone/ladder-adapter")
+    card = uploaded["README.md"].decode()
+    body = card.split("---", 2)[2]
+    assert "## How to load" in body and "pip install peft-ladder" in body
+    assert 'PeftModel.from_pretrained(base, "someone/ladder-adapter")' in body
+    assert f'AutoModelForCausalLM.from_pretrained("{base}")' in body
+    assert "import peft_ladder" in body and "PEFT_LADDER_NO_AUTOLOAD=1" in body
+    assert f"Base model: `{base}`" in body
+    recorded = json.loads(body.split("```json\n", 1)[1].split("\n```", 1)[0])
+    saved = json.loads(uploaded["adapter_config.json"])
+    assert recorded["peft_type"] == "LADDER" and recorded["connections"] == "xladder"
+    for field in ("reduction_factor", "side_layers", "connections", "gate", "quantization", "loss_chunk_size"):
+        assert recorded[field] == saved[field], field
 
 
 @pytest.mark.parametrize("case", EXPENSIVE_CASES)
