@@ -19,6 +19,7 @@ A failing snippet's traceback names the page and its line number in the markdown
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -26,6 +27,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -123,3 +125,37 @@ def test_the_parser_finds_blocks_and_skip_markers(tmp_path):
         (10, "b = 2", "needs a CUDA GPU"),
         (20, "c = a + 1", None),
     ]
+
+
+def _results_hook():
+    spec = importlib.util.spec_from_file_location("docs_results_hook", ROOT / "docs" / "_hooks" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_page_tables_are_rendered_from_the_results_files():
+    hook = _results_hook()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    rendered = hook.on_page_markdown(
+        page, types.SimpleNamespace(file=types.SimpleNamespace(src_uri="benchmarks.md")), {}, None
+    )
+    assert not hook.MARKER.search(rendered)
+    runs = json.loads((ROOT / "benchmarks" / "results" / "small-cpu" / "results.json").read_text())
+    for record in runs["methods"]:
+        for run in record["runs"]:
+            row = f"| {record['method']} | {run['batch_size']} | {run['seq_len']} | {record['trainable_params']:,} | "
+            assert f"{row}{run['peak_bytes'] / 2**20:.1f} |" in rendered
+    assert "![peak memory and step time against sequence length](_results/small-cpu/results.png)" in rendered
+    quantized = json.loads((ROOT / "benchmarks" / "results" / "quantization_memory.json").read_text())
+    for record in quantized["training_step"]:
+        peak = record["step2"]["peak_bytes"] / 2**20
+        assert f"| {record['method']} | {record['trainable_params']:,} | {peak:,.1f} MiB |" in rendered
+    for name, sizes in quantized["parameter_bytes"].items():
+        assert f"| {name} | {sizes['decoder_linear_bytes'] / 2**20:,.1f} MiB |" in rendered
+
+
+def test_a_results_marker_naming_a_missing_file_fails_the_build():
+    hook = _results_hook()
+    with pytest.raises(Exception, match="does not exist"):
+        hook.render("benchmarks/results/nothing.json", {}, "page.md")
