@@ -92,7 +92,7 @@ class LadderConfig(PeftConfig):
             "False: random up-projection (a non-identity adapter, for tests)."
         },
     )
-    # --- backbone quantization (QST; docs/quantization.md) ------------------------------------------------------------
+    # --- backbone quantization (QST; docs/how-to/quantized-backbone.md) -----------------------------------------------
     quantization: Optional[Kind] = field(
         default=None,
         metadata={

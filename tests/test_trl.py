@@ -1,7 +1,8 @@
 """Ladder through TRL: `SFTTrainer(model, peft_config=LadderConfig(...))` with TRL's defaults, quantized models, DPO.
 
 TRL's `SFTConfig` turns gradient checkpointing on by default and, for a model loaded in 4/8-bit, casts every trainable
-parameter to bf16 (trl/trainer/sft_trainer.py, "QLoRA ... converted to bf16"). docs/training.md says what Ladder does.
+parameter to bf16 (trl/trainer/sft_trainer.py, "QLoRA ... converted to bf16"). docs/how-to/training.md says what
+Ladder does.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def _four_bit_model(tmp_path):
 @requires_bitsandbytes
 def test_qlora_style_4bit_model_trl_casts_the_side_network_to_bf16_and_it_trains(tmp_path):
     # The QLoRA recipe: a model loaded in 4-bit. TRL casts trainable parameters to bf16; Ladder accepts it (see
-    # docs/training.md: same policy as LoRA adapters there, half the side network's weight/grad/optimizer memory).
+    # docs/how-to/training.md: same policy as LoRA adapters there, half the side network's weight/grad/optimizer
+    # memory).
     trainer = sft_trainer(tmp_path / "run", model=_four_bit_model(tmp_path), bf16=False)
     assert side_dtypes(trainer.model) == {torch.bfloat16}
     before = trainer.evaluate()["eval_loss"]
