@@ -16,12 +16,13 @@ Budget: gsm8k trains every method to the training FLOPs of 100 LoRA steps (the i
 tokens, AdamW lr 1e-3, no weight decay); Ladder takes more, cheaper steps. bbc trains every method the same steps.
 
 Default size, estimated from measured single-thread CPU time (SmolLM2, batch 4 x 128 tokens: LoRA 5.1 s/step,
-Ladder 2.9 s/step; Ladder's training FLOPs per step about 0.4x LoRA's, so about 250 steps for 100 LoRA steps):
-gsm8k per seed LoRA 100 x 5.1 = 510 s, Ladder and xLadder about 250 x 2.9 = 725 s each, plus 5 evaluations of 32
-held-out problems (~12 s each) and the FLOP counts: ~2,050 s per seed, ~6,200 s for 3 seeds, ~52 min with --jobs 2.
-bbc (shrunk): 30 steps, 160 held-out articles evaluated twice: ~130-270 s per run, ~28 min for 3 seeds / 2 jobs.
-So `--task all` at the default size takes ~80 min on 2 cores, not 30: 30 minutes is not reachable at the issue's
-gsm8k workload with 3 seeds (one seed of gsm8k + bbc: ~27 min; `--seeds 0`).
+Ladder 2.9 s/step) and exact FLOP counts (a Ladder step costs 0.61x a LoRA step's training FLOPs: ~165 Ladder steps
+for 100 LoRA steps): gsm8k per seed LoRA 100 x 5.1 = 510 s, Ladder and xLadder ~165 x 2.9 = 480 s each, plus 5
+evaluations of 32 held-out problems (~12 s each), model loading and FLOP counting: ~1,700 s per seed, ~5,100 s for
+3 seeds, ~43 min with --jobs 2. bbc (shrunk: 30 steps, 160 held-out articles evaluated at steps 15 and 30): ~540 s
+per seed, ~14 min for 3 seeds with --jobs 2. So `--task all` at the default size takes ~55-60 min on 2 cores, not
+30: 30 minutes is not reachable at the issue's gsm8k workload with 3 seeds (`--task gsm8k` alone: ~43 min; one seed
+of both tasks, `--seeds 0`: ~20 min).
 """
 
 from __future__ import annotations

