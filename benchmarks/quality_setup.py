@@ -194,10 +194,12 @@ def build(spec: dict, task: str, num_labels) -> torch.nn.Module:
         return model.train()
     if spec["kind"] == "lora":
         k = spec.get("last_k")
-        extra = {"layers_to_transform": list(range(layers - k, layers))} if k else {}
-        config = LoraConfig(
-            task_type=task_type, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", **extra
+        # PEFT refuses layers_to_transform with target_modules="all-linear": name the same linear layers (Llama's)
+        targets = (
+            "all-linear" if not k else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         )
+        extra = {"layers_to_transform": list(range(layers - k, layers))} if k else {}
+        config = LoraConfig(task_type=task_type, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, **extra)
         return get_peft_model(model, config).train()
     options = dict(spec["ladder"])
     if options.get("connections") == "last":
