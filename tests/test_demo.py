@@ -87,7 +87,7 @@ def test_tiny_demo_prints_the_side_by_side_table(tmp_path):
     saved = [number(c) for c in rows["saved for backward"]]
     assert trainable[0] < trainable[2] and saved[0] < saved[2]  # Ladder trains fewer parameters and saves less
     # Equal training FLOPs: Ladder is cheaper per step, so it takes more steps than LoRA's 8.
-    assert rows["  per step vs lora"][2] == "1.00x" and number(rows["  per step vs lora"][0]) < 1
+    assert rows["per step vs lora"][2] == "1.00x" and number(rows["per step vs lora"][0]) < 1
     steps = [int(number(c)) for c in rows["training steps"]]
     assert steps[2] == 8 and steps[0] > 8
     assert "wall time also on the machine's load" in result.stdout
