@@ -188,7 +188,13 @@ def run_method(
     times, cpu_times, used = [], [], 0
     bar = tqdm(total=steps, desc=f"{method:>7}", unit="step", disable=not progress, leave=True, dynamic_ncols=True)
     step = 0
-    while (used < flops_budget and step < MAX_STEPS_FACTOR * steps) if flops_budget is not None else step < steps:
+
+    def done() -> bool:
+        if flops_budget is None:
+            return step >= steps
+        return used >= flops_budget or step >= MAX_STEPS_FACTOR * steps
+
+    while not done():
         batch = workload.train_batch(step)
         if step == 1:  # AdamW creates its state in the first step: the second one shows the steady-state peak
             # not timed (the memory tracker is slow), but its FLOPs count like any other step's
@@ -210,6 +216,8 @@ def run_method(
         if marks and progress_so_far >= marks[0]:
             while marks and progress_so_far >= marks[0]:
                 marks.pop(0)
+            if done():  # the final evaluation follows
+                break
             result.held_out.append((step, used, held_out_loss(model, workload.eval_batches)))
             model.train()
     bar.total = step  # shown as such when the bar closes
