@@ -44,7 +44,7 @@ METHODS = ("ladder", "xladder", "lora")
 LEARNING_RATES = {"ladder": 1e-3, "xladder": 1e-3, "lora": 1e-3}
 TINY_LEARNING_RATE = 1e-2  # the random tiny model's toy task learns visibly in a few steps only at a higher rate
 MAX_STEPS_FACTOR = 20  # under a FLOPs budget no method takes more than this many times --steps
-EVALS = 4  # held-out loss is also recorded at each quarter of the budget, for the curves
+EVALS = 3  # held-out loss is also recorded at each third of the budget, for the curves (each costs a full eval)
 
 
 def peft_config(method: str):
@@ -182,7 +182,7 @@ def run_method(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     result = Result(method, trainable, total, lr, 0, 0, math.nan, math.nan, before, math.nan)
     result.held_out.append((0, 0, before))
-    # Held-out loss at each quarter of the budget (FLOPs or steps) and at the end.
+    # Held-out loss at each third of the budget (FLOPs or steps) and at the end.
     goal = flops_budget if flops_budget is not None else steps
     marks = [goal * k / EVALS for k in range(1, EVALS)]
     times, cpu_times, used = [], [], 0
