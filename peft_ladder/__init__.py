@@ -25,9 +25,18 @@ if not _running_the_planner():
     from .config import LadderConfig
     from .connections import ConnectionPlan, resolve_plan
     from .model import LadderModel
+    from .side_init import initialize_side_fisher
     from .side_network import LadderSideNetwork
 
     register(LadderConfig, LadderModel)
     hub.install()
 
-__all__ = ["LadderConfig", "LadderModel", "LadderPeftType", "LadderSideNetwork", "ConnectionPlan", "resolve_plan"]
+__all__ = [
+    "LadderConfig",
+    "LadderModel",
+    "LadderPeftType",
+    "LadderSideNetwork",
+    "ConnectionPlan",
+    "resolve_plan",
+    "initialize_side_fisher",
+]

@@ -13,6 +13,7 @@ from .connections import PRESETS, check_sizes, normalize_connections
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 
 GATES = ("sum", "learned")
+SIDE_INITS = ("default", "magnitude", "fisher")
 
 
 def _check_positive_int(name: str, value: object, expected: str) -> None:
@@ -90,6 +91,17 @@ class LadderConfig(PeftConfig):
         metadata={
             "help": "True: the up-projection starts at zero, so a fresh adapter reproduces the base model exactly. "
             "False: random up-projection (a non-identity adapter, for tests)."
+        },
+    )
+    # --- side network initialisation (side_init.py) ---------------------------------------------------------------
+    side_init: Literal["default", "magnitude", "fisher"] = field(
+        default="default",
+        metadata={
+            "help": "How the side blocks start. 'default': PyTorch's init of the decoder-layer class. 'magnitude': "
+            "each side block is its backbone layer pruned to the side width (residual dims, attention heads, MLP "
+            "neurons ranked by weight magnitude, as LST), and the down-projections select the kept dims. 'fisher': "
+            "the same ranked by Fisher importance; call peft_ladder.initialize_side_fisher(model, batches) after "
+            "get_peft_model (training before it raises). Float backbones only. The up-projection stays zero."
         },
     )
     # --- backbone quantization (QST; docs/how-to/quantized-backbone.md) -----------------------------------------------
@@ -178,6 +190,15 @@ class LadderConfig(PeftConfig):
                 "a positive number of tokens (e.g. 256) or None (the model's own loss, with logits)",
             )
         self._validate_quantization()
+        self._validate_side_init()
+
+    def _validate_side_init(self) -> None:
+        if self.side_init not in SIDE_INITS:
+            raise ValueError(
+                f"side_init={self.side_init!r} is unknown; use 'default' (PyTorch's init), 'magnitude' (prune the "
+                "backbone by weight magnitude) or 'fisher' (by Fisher importance, then call "
+                "peft_ladder.initialize_side_fisher(model, batches))."
+            )
 
     def _validate_quantization(self) -> None:
         if self.quantization is not None and self.quantization not in KINDS:

@@ -38,7 +38,8 @@ from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
 from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
 from .loss import chunked_causal_lm_forward, chunking_blocker
-from .quantization import prepare_backbone
+from .quantization import describe, prepare_backbone
+from .side_init import check_supported, prepare_side_init
 from .side_network import LadderSideNetwork
 
 _ADAPTER_KEY = r"((?:^|\.)" + LADDER_PREFIX + r"[^.]*)\.{adapter}(?=\.|$)"
@@ -64,16 +65,19 @@ class AdapterSetup:
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None
         existing = (m.forward_state for m in model.modules() if isinstance(m, LadderLayer))
+        shrunk = side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor)
+        quantized = config.quantization is not None or describe(model) is not None
+        check_supported(backbone, shrunk, config.side_init, quantized)
         return cls(
             backbone,
             plan,
-            side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor),
+            shrunk,
             reference_layer_index(backbone.config, backbone.num_layers),
             targets,
             next(existing, None) or ForwardState(),
         )
 
-    def side_network(self, model: nn.Module, config: LadderConfig) -> LadderSideNetwork:
+    def side_network(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:
         if self.side is None:
             block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
             self.side = LadderSideNetwork(
@@ -85,6 +89,7 @@ class AdapterSetup:
                 config.gate_temperature,
                 config.init_weights,
             )
+            prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
         return self.side
 
 
@@ -155,7 +160,7 @@ class LadderModel(BaseTuner):
         elif layer_index is not None and not isinstance(target, LadderTapLayer):
             reference = layer_index == setup.reference_index
             target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, setup.state, reference))
-        target.update_layer(adapter_name, setup.side_network(self.model, peft_config))
+        target.update_layer(adapter_name, setup.side_network(self.model, peft_config, adapter_name))
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
         self._replace_module(parent, name, new_module, new_module.base_layer)
