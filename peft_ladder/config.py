@@ -11,8 +11,14 @@ from peft.config import PeftConfig
 from ._registration import LadderPeftType
 from .connections import PRESETS, check_sizes, normalize_connections
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
+from .side_network import FUSION_SCALES
 
 GATES = ("sum", "learned")
+# The saved format (adapter_config.json), raised whenever a default changes what a saved adapter computes:
+# 1: 0.1.0.dev0, no `ladder_format_version` in the JSON, fusion_scale "rms".
+# 2: `fusion_scale` and `ladder_format_version` recorded; new default fusion_scale "rms_gain".
+LADDER_FORMAT_VERSION = 2
+LEGACY_FORMAT = {"ladder_format_version": 1, "fusion_scale": "rms"}  # what a JSON without the version meant
 
 
 def _check_positive_int(name: str, value: object, expected: str) -> None:
@@ -92,6 +98,28 @@ class LadderConfig(PeftConfig):
             "False: random up-projection (a non-identity adapter, for tests)."
         },
     )
+    # --- fusion scale and saved format (docs/defaults.md, "Backbones with outliers") ---------------------------------
+    fusion_scale: Literal["rms", "rms_gain"] = field(
+        default="rms_gain",
+        metadata={
+            "help": "What the side output is multiplied by before it is added to h_L: 'rms_gain' (default) the "
+            "per-token RMS of h_L times min(1, median|g| / |g_k|) for the final norm's gain g, so dimensions whose "
+            "gain is far above the typical one (Gemma's 1 + w) take no outsized steps; 'rms' the per-token RMS alone "
+            "(format 1, peft-ladder 0.1.0.dev0, which adapters saved then load with)."
+        },
+    )
+    ladder_format_version: int = field(
+        default=LADDER_FORMAT_VERSION,
+        metadata={
+            "help": "Format of the saved adapter, written by save_pretrained. A saved config without it is format 1 "
+            "and loads with that format's defaults (fusion_scale='rms'); a newer format than this peft-ladder reads "
+            "raises an error naming the peft-ladder version that wrote it. Not meant to be set by hand."
+        },
+    )
+    peft_ladder_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "The peft-ladder version that created the config (filled in); named in format errors."},
+    )
     # --- backbone quantization (QST; docs/quantization.md) ------------------------------------------------------------
     quantization: Optional[Kind] = field(
         default=None,
@@ -145,7 +173,47 @@ class LadderConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LadderPeftType.LADDER
+        self._validate_format()
         self._validate()
+
+    @classmethod
+    def from_peft_type(cls, **kwargs) -> LadderConfig:
+        """Build a config from a saved adapter_config.json's fields (what `from_pretrained` calls).
+
+        A config saved before formats were recorded keeps what it computed then (`LEGACY_FORMAT`), while a new
+        `LadderConfig()` gets today's defaults.
+        """
+        if kwargs.get("peft_type", LadderPeftType.LADDER) == LadderPeftType.LADDER and (
+            "ladder_format_version" not in kwargs
+        ):
+            kwargs = {**LEGACY_FORMAT, **kwargs}
+        return super().from_peft_type(**kwargs)
+
+    def _validate_format(self) -> None:
+        from . import __version__
+
+        version = self.ladder_format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f"ladder_format_version={version!r} must be a positive integer (1 to {LADDER_FORMAT_VERSION}); "
+                "it is written by save_pretrained, leave it unset."
+            )
+        if version > LADDER_FORMAT_VERSION:
+            writer = self.peft_ladder_version or "a newer version"
+            raise ValueError(
+                f"This Ladder adapter was saved in format {version} by peft-ladder {writer}; peft-ladder "
+                f"{__version__} reads formats 1 to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U "
+                f"'peft-ladder>={writer}'."
+                if self.peft_ladder_version
+                else f"This Ladder adapter was saved in format {version}; peft-ladder {__version__} reads formats 1 "
+                f"to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U peft-ladder."
+            )
+        if self.peft_ladder_version is None and version == LADDER_FORMAT_VERSION:
+            self.peft_ladder_version = __version__
+        if self.fusion_scale not in FUSION_SCALES:
+            raise ValueError(
+                f"fusion_scale={self.fusion_scale!r} is unknown; use 'rms_gain' (the default) or 'rms' (format 1)."
+            )
 
     def _validate(self) -> None:
         _check_positive_int(

@@ -84,6 +84,7 @@ class AdapterSetup:
                 config.gate,
                 config.gate_temperature,
                 config.init_weights,
+                config.fusion_scale,
             )
         return self.side
 
