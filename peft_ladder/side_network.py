@@ -15,16 +15,17 @@ SmolLM2-135M, with outliers in the thousands) and differs from model to model. A
 unscaled moves the normalised state by (its step) / rms(h_L): with Adam, whose steps are about the learning rate per
 weight whatever the gradient, such an adapter barely learns at usual rates (a tenth of LoRA's held-out gain in 20
 steps). Expressed in units of the stream's own per-token RMS (detached: a constant for autograd, like the backbone),
-the side output has the same effect on every backbone. The up-projection still starts at zero, so a fresh adapter
-is an exact identity.
+the side output has the same effect on the final norm's input on every backbone. The up-projection still starts at
+zero, so a fresh adapter is an exact identity.
 
 Why it is also divided by the final norm's large gains (`fusion_scale="rms_gain"`, the default since format 2;
 docs/defaults.md, "Backbones with outliers"): the final norm multiplies dimension k by its gain g_k (Gemma: 1 + w,
 with w up to 300 in Gemma 3 270M), so a side output of u_k * rms(h_L) moves the head's input by about u_k * g_k. A
 few dimensions with gains hundreds of times the typical one then take outsized first steps and raise the training
-loss (measured on tiny Llama and Gemma 3 models with such gains: +12-14% after one step at lr 1e-3). Scaling dimension k by min(1, median|g| / |g_k|) gives every
-dimension at most the typical gain's effect; on a backbone without such gains nearly nothing changes. Outliers in h_L
-itself (per-token RMS 1,236 for a median |value| of 221) did not raise the loss in the same measurements.
+loss (tiny Llama and Gemma 3 models with such gains: +12-14% after one step at lr 1e-3). Scaling dimension k by
+min(1, median|g| / |g_k|) gives no dimension more than a typical gain's effect; on a backbone without such gains
+nearly nothing changes. Outliers in h_L itself (per-token RMS 1,236 for a median |value| of 221) did not raise the
+loss in the same measurements.
 """
 
 from __future__ import annotations
