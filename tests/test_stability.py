@@ -39,6 +39,15 @@ STREAM_MEDIAN, STREAM_RMS, LARGE_GAIN, LARGE_GAIN_DIMS = 220.0, 1236.0, 301.0, 1
 PRETRAIN_STEPS = 40
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models train for ~40 steps here; on a shared CPU one thread does it in a second, two in ten."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def task(seed: int, size: int = 16, length: int = 16) -> dict:
     """A fixed next-token task (a permutation of the vocabulary, 30% noise) that a tiny model learns in seconds."""
     generator = torch.Generator().manual_seed(seed)
