@@ -91,16 +91,17 @@ class LadderSideNetwork(nn.Module):
         """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone."""
         return self.down[str(index)](hidden.detach().to(self.dtype))
 
-    def output_scale(self, stream: torch.Tensor, norm_gain: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """What the side output is multiplied by, detached (module docstring): the per-token RMS of h_L, (B, T, 1);
-        with `fusion_scale="rms_gain"` also min(1, median|g| / |g_k|) per dimension for the final norm's gain g, (d,).
-        """
-        rms = stream.detach().to(self.dtype).pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()  # (B, T, 1)
+    def output_scale(self, stream: torch.Tensor) -> torch.Tensor:
+        """Per-token RMS of h_L (B, T, 1), detached: the unit the side output is added in (module docstring)."""
+        return stream.detach().to(self.dtype).pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()
+
+    def gain_factor(self, norm_gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """min(1, median|g| / |g_k|) (d,) for the final norm's gain g with `fusion_scale="rms_gain"`, else None."""
         if self.fusion_scale == "rms" or norm_gain is None:
-            return rms
+            return None
         gain = norm_gain.detach().to(self.dtype).abs()
-        typical = gain.median().clamp_min(torch.finfo(gain.dtype).tiny)  # a norm with all-zero gains: no division by 0
-        return rms * (typical / gain.clamp_min(typical))  # (B, T, d)
+        typical = gain.median().clamp_min(torch.finfo(gain.dtype).tiny)  # all-zero gains: no division by zero
+        return typical / gain.clamp_min(typical)
 
     def mix(self, block: int, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         if self.gate_mode == "sum":
@@ -128,4 +129,8 @@ class LadderSideNetwork(nn.Module):
             if layer is not None:
                 side = self.mix(j, side, taps[layer + 1])
             side = run_block(block, side)
-        return self.up(self.norm(side)) * self.output_scale(stream, norm_gain)  # (B, T, d)
+        side_out = self.up(self.norm(side))  # (B, T, d)
+        factor = self.gain_factor(norm_gain)
+        if factor is not None:
+            side_out = side_out * factor  # (d,): a constant, so autograd keeps d numbers, not a (B, T, d) scale
+        return side_out * self.output_scale(stream)
