@@ -11,9 +11,15 @@ from peft.config import PeftConfig
 from ._registration import LadderPeftType
 from .connections import PRESETS, check_sizes, normalize_connections
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
+from .side_network import FUSION_SCALES
 
 GATES = ("sum", "learned")
 SIDE_INITS = ("default", "magnitude", "fisher")
+# The saved format (adapter_config.json), raised whenever a default changes what a saved adapter computes:
+# 1: 0.1.0.dev0, no `ladder_format_version` in the JSON, fusion_scale "rms".
+# 2: `fusion_scale` and `ladder_format_version` recorded; new default fusion_scale "rms_gain".
+LADDER_FORMAT_VERSION = 2
+LEGACY_FORMAT = {"ladder_format_version": 1, "fusion_scale": "rms"}  # what a JSON without the version meant
 
 
 def _check_positive_int(name: str, value: object, expected: str) -> None:
@@ -104,6 +110,28 @@ class LadderConfig(PeftConfig):
             "get_peft_model (training before it raises). Float backbones only. The up-projection stays zero."
         },
     )
+    # --- fusion scale and saved format (docs/defaults.md, "Backbones with outliers") ---------------------------------
+    fusion_scale: Literal["rms", "rms_gain"] = field(
+        default="rms_gain",
+        metadata={
+            "help": "What the side output is multiplied by before it is added to h_L: 'rms_gain' (default) the "
+            "per-token RMS of h_L times min(1, median|g| / |g_k|) for the final norm's gain g, so dimensions whose "
+            "gain is far above the typical one (Gemma's 1 + w) take no outsized steps; 'rms' the per-token RMS alone "
+            "(format 1, peft-ladder 0.1.0.dev0, which adapters saved then load with)."
+        },
+    )
+    ladder_format_version: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Format of the saved adapter, written by save_pretrained. A saved config without it is format 1 "
+            "and loads with that format's defaults (fusion_scale='rms'); a newer format than this peft-ladder reads "
+            "raises an error naming the peft-ladder version that wrote it. Not meant to be set by hand."
+        },
+    )
+    peft_ladder_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "The peft-ladder version that created the config (filled in); named in format errors."},
+    )
     # --- backbone quantization (QST; docs/how-to/quantized-backbone.md) -----------------------------------------------
     quantization: Optional[Kind] = field(
         default=None,
@@ -155,9 +183,45 @@ class LadderConfig(PeftConfig):
     target_modules = None
 
     def __post_init__(self) -> None:
+        # A saved adapter_config.json always carries `peft_type`; a config written in code does not. A saved config
+        # without `ladder_format_version` predates formats and keeps what it computed then (LEGACY_FORMAT), whichever
+        # PEFT path builds it (PeftModel/PeftConfig/LadderConfig.from_pretrained, AutoPeftModel, load_adapter).
+        if self.ladder_format_version is None:
+            if self.peft_type is not None:
+                for name, value in LEGACY_FORMAT.items():
+                    setattr(self, name, value)
+            else:
+                self.ladder_format_version = LADDER_FORMAT_VERSION
         super().__post_init__()
         self.peft_type = LadderPeftType.LADDER
+        self._validate_format()
         self._validate()
+
+    def _validate_format(self) -> None:
+        from . import __version__
+
+        version = self.ladder_format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f"ladder_format_version={version!r} must be a positive integer (1 to {LADDER_FORMAT_VERSION}); "
+                "it is written by save_pretrained, leave it unset."
+            )
+        if version > LADDER_FORMAT_VERSION:
+            writer = self.peft_ladder_version or "a newer version"
+            raise ValueError(
+                f"This Ladder adapter was saved in format {version} by peft-ladder {writer}; peft-ladder "
+                f"{__version__} reads formats 1 to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U "
+                f"'peft-ladder>={writer}'."
+                if self.peft_ladder_version
+                else f"This Ladder adapter was saved in format {version}; peft-ladder {__version__} reads formats 1 "
+                f"to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U peft-ladder."
+            )
+        if self.peft_ladder_version is None and version == LADDER_FORMAT_VERSION:
+            self.peft_ladder_version = __version__
+        if self.fusion_scale not in FUSION_SCALES:
+            raise ValueError(
+                f"fusion_scale={self.fusion_scale!r} is unknown; use 'rms_gain' (the default) or 'rms' (format 1)."
+            )
 
     def _validate(self) -> None:
         _check_positive_int(

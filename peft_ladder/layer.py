@@ -239,11 +239,25 @@ class LadderFusionLayer(LadderLayer):
             return out[0] if isinstance(out, tuple) else out
 
         with _not_recorded():
-            side_out = side(taps, run_block, hidden_states)  # (B, T, d)
+            gain = norm_gain(self.base_layer, hidden_states) if side.fusion_scale == "rms_gain" else None
+            side_out = side(taps, run_block, hidden_states, gain)  # (B, T, d)
         return self.base_layer(hidden_states + side_out.to(hidden_states.dtype), *args, **kwargs)
 
     def __repr__(self) -> str:
         return "ladder_fusion." + super().__repr__()
+
+
+@torch.no_grad()
+def norm_gain(norm: nn.Module, stream: torch.Tensor) -> torch.Tensor:
+    """The final norm's per-dimension gain |g| (d,), whatever its parametrisation (Gemma's 1 + w, LayerNorm's bias).
+
+    Measured rather than read off `norm.weight`: a probe e of +-1 entries has mean 0 and RMS 1, so an RMSNorm or a
+    LayerNorm maps e to g * e (+ bias) and (norm(e) - norm(-e)) / 2 = g * e, up to the norm's eps (a common factor,
+    which the fusion's ratio median|g| / |g_k| does not see).
+    """
+    probe = torch.ones(stream.shape[-1], dtype=stream.dtype, device=stream.device)
+    probe[1::2] = -1.0
+    return ((norm(probe[None]) - norm(-probe[None]))[0] / 2 * probe).abs()  # (d,)
 
 
 @contextmanager

@@ -88,6 +88,7 @@ class AdapterSetup:
                 config.gate,
                 config.gate_temperature,
                 config.init_weights,
+                config.fusion_scale,
             )
             prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
         return self.side

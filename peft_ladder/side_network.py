@@ -4,7 +4,7 @@ Plain `nn.Module`s with no PEFT import. The side blocks are the backbone's own d
 d_s = d / r (see `backbone.side_config`), so attention, rotary and padding conventions are the backbone's.
 
 ```
- hidden[source] --down--> s_0 --[mix]--> block 0 --[mix]--> block 1 ... block l-1 --norm--> up --> x rms(h_L) --> + h_L
+ hidden[source] --down--> s_0 --[mix]--> block 0 --[mix]--> block 1 ... block l-1 --norm--> up --> x scale --> + h_L
                                ^                  ^
  hidden[i0 + 1] --down---------+   hidden[i1 + 1]-+          (i_j: the backbone layer connected to side block j)
 ```
@@ -15,13 +15,22 @@ SmolLM2-135M, with outliers in the thousands) and differs from model to model. A
 unscaled moves the normalised state by (its step) / rms(h_L): with Adam, whose steps are about the learning rate per
 weight whatever the gradient, such an adapter barely learns at usual rates (a tenth of LoRA's held-out gain in 20
 steps). Expressed in units of the stream's own per-token RMS (detached: a constant for autograd, like the backbone),
-the side output has the same effect on every backbone, so one learning rate fits them all. The up-projection still
-starts at zero, so a fresh adapter is an exact identity.
+the side output has the same effect on the final norm's input on every backbone. The up-projection still starts at
+zero, so a fresh adapter is an exact identity.
+
+Why it is also divided by the final norm's large gains (`fusion_scale="rms_gain"`, the default since format 2;
+docs/defaults.md, "Backbones with outliers"): the final norm multiplies dimension k by its gain g_k (Gemma: 1 + w,
+with w up to 300 in Gemma 3 270M), so a side output of u_k * rms(h_L) moves the head's input by about u_k * g_k. A
+few dimensions with gains hundreds of times the typical one then take outsized first steps and raise the training
+loss (tiny Llama and Gemma 3 models with such gains: +12-14% after one step at lr 1e-3). Scaling dimension k by
+min(1, median|g| / |g_k|) gives no dimension more than a typical gain's effect; on a backbone without such gains
+nearly nothing changes. Outliers in h_L itself (per-token RMS 1,236 for a median |value| of 221) did not raise the
+loss in the same measurements.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -30,6 +39,7 @@ from .connections import ConnectionPlan
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 RMS_EPS = 1e-6  # of the side norm and of rms(h_L), the unit the side output is added in
+FUSION_SCALES = ("rms", "rms_gain")  # LadderConfig.fusion_scale: what the side output is multiplied by
 
 
 class LadderSideNetwork(nn.Module):
@@ -44,6 +54,7 @@ class LadderSideNetwork(nn.Module):
         gate: Union[str, float] = "sum",
         gate_temperature: float = 0.1,
         init_weights: bool = True,
+        fusion_scale: str = "rms_gain",
     ) -> None:
         super().__init__()
         side_width = int(side_config.hidden_size)
@@ -51,6 +62,7 @@ class LadderSideNetwork(nn.Module):
         self.side_config = side_config  # its layer count sizes the generation cache (cache.py)
         self.gate_mode = gate
         self.gate_temperature = float(gate_temperature)
+        self.fusion_scale = fusion_scale
         # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).
         self.down = nn.ModuleDict({str(index): nn.Linear(hidden_size, side_width) for index in plan.tap_indices})
         self.blocks = nn.ModuleList(
@@ -83,6 +95,14 @@ class LadderSideNetwork(nn.Module):
         """Per-token RMS of h_L (B, T, 1), detached: the unit the side output is added in (module docstring)."""
         return stream.detach().to(self.dtype).pow(2).mean(-1, keepdim=True).add(RMS_EPS).sqrt()
 
+    def gain_factor(self, norm_gain: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """min(1, median|g| / |g_k|) (d,) for the final norm's gain g with `fusion_scale="rms_gain"`, else None."""
+        if self.fusion_scale == "rms" or norm_gain is None:
+            return None
+        gain = norm_gain.detach().to(self.dtype).abs()
+        typical = gain.median().clamp_min(torch.finfo(gain.dtype).tiny)  # all-zero gains: no division by zero
+        return typical / gain.clamp_min(typical)
+
     def mix(self, block: int, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         if self.gate_mode == "sum":
             return side + tap
@@ -92,12 +112,25 @@ class LadderSideNetwork(nn.Module):
             mu = float(self.gate_mode)
         return mu * side + (1.0 - mu) * tap
 
-    def forward(self, taps: dict[int, torch.Tensor], run_block: BlockRunner, stream: torch.Tensor) -> torch.Tensor:
-        """Run the side stream over the projected `taps`; return what is added to `stream` (h_L), (B, T, d)."""
+    def forward(
+        self,
+        taps: dict[int, torch.Tensor],
+        run_block: BlockRunner,
+        stream: torch.Tensor,
+        norm_gain: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run the side stream over the projected `taps`; return what is added to `stream` (h_L), (B, T, d).
+
+        `norm_gain`: the final norm's per-dimension gain (d,), which `fusion_scale="rms_gain"` divides by.
+        """
         side = taps[self.plan.source]  # s_0: (B, T, d_s)
         for j, block in enumerate(self.blocks):
             layer = self.plan.block_to_layer.get(j)
             if layer is not None:
                 side = self.mix(j, side, taps[layer + 1])
             side = run_block(block, side)
-        return self.up(self.norm(side)) * self.output_scale(stream)  # (B, T, d)
+        side_out = self.up(self.norm(side))  # (B, T, d)
+        factor = self.gain_factor(norm_gain)
+        if factor is not None:
+            side_out = side_out * factor  # (d,): a constant, so autograd keeps d numbers, not a (B, T, d) scale
+        return side_out * self.output_scale(stream)
