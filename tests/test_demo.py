@@ -146,12 +146,14 @@ def test_missing_packages_say_exactly_what_to_run(tmp_path):
 def test_real_model_demo_learns_with_both_methods(tmp_path):
     plot = tmp_path / "loss.png"
     result = run_demo(
-        *("--steps", "3", "--batch-size", "2", "--seq-len", "96", "--eval-size", "4", "--plot", str(plot)),
+        # 5 LoRA steps' FLOPs (Ladder: 8 steps): at 3 (Ladder: 5) the held-out change of either fusion scale was within
+        # noise on 4 problems (rms 2.0888 -> 2.0737, rms_gain -> 2.1017); by 8 Ladder steps both had learned (1.86).
+        *("--steps", "5", "--batch-size", "2", "--seq-len", "96", "--eval-size", "4", "--plot", str(plot)),
         timeout=1800,
     )
     assert result.returncode == 0, result.stderr
     check_table(result.stdout, ["ladder", "lora"])
-    check_budget(json.loads(plot.with_suffix(".json").read_text()), ["ladder", "lora"], 3)
+    check_budget(json.loads(plot.with_suffix(".json").read_text()), ["ladder", "lora"], 5)
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
