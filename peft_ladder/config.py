@@ -11,10 +11,10 @@ from peft.config import PeftConfig
 from ._registration import LadderPeftType
 from .connections import PRESETS, check_sizes, normalize_connections
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
-from .side_network import FUSION_SCALES
+from .side_init import SIDE_INITS, SideInit
+from .side_network import FUSION_SCALES, FusionScale
 
 GATES = ("sum", "learned")
-SIDE_INITS = ("default", "magnitude", "fisher")
 # The saved format (adapter_config.json), raised whenever a default changes what a saved adapter computes:
 # 1: 0.1.0.dev0, no `ladder_format_version` in the JSON, fusion_scale "rms".
 # 2: `fusion_scale` and `ladder_format_version` recorded; new default fusion_scale "rms_gain".
@@ -100,7 +100,7 @@ class LadderConfig(PeftConfig):
         },
     )
     # --- side network initialisation (side_init.py) ---------------------------------------------------------------
-    side_init: Literal["default", "magnitude", "fisher"] = field(
+    side_init: SideInit = field(
         default="default",
         metadata={
             "help": "How the side blocks start. 'default': PyTorch's init of the decoder-layer class. 'magnitude': "
@@ -111,7 +111,7 @@ class LadderConfig(PeftConfig):
         },
     )
     # --- fusion scale and saved format (docs/defaults.md, "Backbones with outliers") ---------------------------------
-    fusion_scale: Literal["rms", "rms_gain"] = field(
+    fusion_scale: FusionScale = field(
         default="rms_gain",
         metadata={
             "help": "What the side output is multiplied by before it is added to h_L: 'rms_gain' (default) the "

@@ -23,7 +23,7 @@ fresh adapter is still an exact identity.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ from torch import nn
 from .backbone import Backbone, base_module, find_backbone
 from .connections import ConnectionPlan
 
-METHODS = ("default", "magnitude", "fisher")
+SideInit = Literal["default", "magnitude", "fisher"]  # LadderConfig.side_init
+SIDE_INITS: tuple[str, ...] = get_args(SideInit)
 Importance = dict[str, torch.Tensor]  # "embed" or "<layer>.<param name>" -> importance, shaped like the weight
 _LINEAR_ROLES = {  # nn.Linear weight (out, in)
     "q_proj": ("q", "resid"),

@@ -30,7 +30,7 @@ loss in the same measurements.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union, get_args
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ from .connections import ConnectionPlan
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 RMS_EPS = 1e-6  # of the side norm and of rms(h_L), the unit the side output is added in
-FUSION_SCALES = ("rms", "rms_gain")  # LadderConfig.fusion_scale: what the side output is multiplied by
+FusionScale = Literal["rms", "rms_gain"]  # LadderConfig.fusion_scale: what the side output is multiplied by
+FUSION_SCALES: tuple[str, ...] = get_args(FusionScale)
 
 
 class LadderSideNetwork(nn.Module):
