@@ -120,6 +120,10 @@ class LadderConfig(PeftConfig):
             "(format 1, peft-ladder 0.1.0.dev0, which adapters saved then load with)."
         },
     )
+    peft_ladder_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "The peft-ladder version that created the config (filled in); named in format errors."},
+    )
     ladder_format_version: Optional[int] = field(
         default=None,
         metadata={
@@ -127,10 +131,6 @@ class LadderConfig(PeftConfig):
             "and loads with that format's defaults (fusion_scale='rms'); a newer format than this peft-ladder reads "
             "raises an error naming the peft-ladder version that wrote it. Not meant to be set by hand."
         },
-    )
-    peft_ladder_version: Optional[str] = field(
-        default=None,
-        metadata={"help": "The peft-ladder version that created the config (filled in); named in format errors."},
     )
     # --- backbone quantization (QST; docs/how-to/quantized-backbone.md) -----------------------------------------------
     quantization: Optional[Kind] = field(
