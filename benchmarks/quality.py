@@ -34,14 +34,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import quality_setup as setup
-from .runner import ROOT, environment
+from .runner import environment, run_worker, worker_error, worker_result
 
 SIZES = {
     "default": {
@@ -230,26 +229,12 @@ def _count(model) -> tuple[int, int]:
 
 
 def run_in_subprocess(spec: dict, timeout) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(spec, handle)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.quality", "--worker", handle.name],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        done = run_worker("benchmarks.quality", spec, timeout, threads=1)
     except subprocess.TimeoutExpired:
         return {**_ids(spec), "error": f"timed out after {timeout} s"}
-    finally:
-        os.unlink(handle.name)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-    return {**_ids(spec), "error": f"worker exited with {done.returncode}: {tail}"}
+    result = worker_result(done)
+    return result if result is not None else {**_ids(spec), "error": worker_error(done)}
 
 
 def _ids(spec: dict) -> dict:
@@ -259,22 +244,11 @@ def _ids(spec: dict) -> dict:
 def lora_budget_flops(task: str, size: dict, steps: int, data_seed: int, timeout) -> float:
     """The training FLOPs of `steps` LoRA steps on the task's batches, counted in a subprocess."""
     spec = {"task": task, "size": size, "data_seed": data_seed, "lora_steps": steps}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(spec, handle)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.quality", "--worker", handle.name],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    finally:
-        os.unlink(handle.name)
-    if done.returncode != 0:
+    done = run_worker("benchmarks.quality", spec, timeout, threads=1)
+    result = worker_result(done)
+    if done.returncode != 0 or result is None:
         raise RuntimeError(f"counting the LoRA budget failed: {done.stderr.strip()[-2000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["flops"])
+    return float(result["flops"])
 
 
 def _worker(path: str) -> dict:

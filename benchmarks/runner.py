@@ -163,26 +163,44 @@ def run_generation(spec: dict) -> dict:
     }
 
 
-def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
-    """Run one method in a fresh Python process (nothing cached, allocator and bitsandbytes state fresh)."""
+def run_worker(module: str, spec: dict, timeout: Optional[float], threads: int) -> subprocess.CompletedProcess:
+    """`python -m <module> --worker SPEC.json` in a fresh process from the repository root, `threads` OpenMP threads.
+
+    Raises `subprocess.TimeoutExpired` past `timeout` seconds.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks", "--worker", handle.name],
+        return subprocess.run(
+            [sys.executable, "-m", module, "--worker", handle.name],
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])},
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     finally:
         os.unlink(handle.name)
+
+
+def worker_result(done: subprocess.CompletedProcess) -> Optional[dict]:
+    """The JSON line a worker printed last, or None if it printed none."""
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
+    return None
+
+
+def worker_error(done: subprocess.CompletedProcess) -> str:
     tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-    return {"method": spec["method"], "error": f"worker exited with {done.returncode}: {tail}", "runs": []}
+    return f"worker exited with {done.returncode}: {tail}"
+
+
+def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
+    """Run one method in a fresh Python process (nothing cached, allocator and bitsandbytes state fresh)."""
+    done = run_worker("benchmarks", spec, timeout, spec["threads"])
+    result = worker_result(done)
+    return result if result is not None else {"method": spec["method"], "error": worker_error(done), "runs": []}
 
 
 def environment(device: torch.device) -> dict:
