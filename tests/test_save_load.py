@@ -146,7 +146,8 @@ def test_merge_and_unload_explains_and_points_to_unload(trained):
     assert torch.equal(logits(model), trained.logits)  # nothing half-unloaded
 
 
-def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkeypatch):
+def _captured_push(trained, monkeypatch) -> tuple[dict, str]:
+    """`push_to_hub("someone/ladder-adapter")` against a captured Hub: (the uploaded files and repo id, base path)."""
     import transformers.utils.hub as transformers_hub
 
     uploaded = {}
@@ -163,6 +164,11 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkey
     base = str(trained.base_dir)  # a local path: PEFT reads the base model's config.json while saving
     monkeypatch.setattr(trained.model.peft_config["default"], "base_model_name_or_path", base)
     trained.model.push_to_hub("someone/ladder-adapter")
+    return uploaded, base
+
+
+def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkeypatch):
+    uploaded, base = _captured_push(trained, monkeypatch)
     assert uploaded.pop("repo_id") == "someone/ladder-adapter"
     assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     card = uploaded["README.md"].decode()
@@ -173,21 +179,7 @@ def test_push_to_hub_uploads_adapter_files_and_a_peft_model_card(trained, monkey
 
 
 def test_pushed_model_card_says_how_to_load_and_records_the_config_and_base_model(trained, monkeypatch):
-    import transformers.utils.hub as transformers_hub
-
-    uploaded = {}
-
-    class CapturedHub:
-        def create_repo(self, repo_id, **kwargs):
-            return types.SimpleNamespace(repo_id=repo_id)
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            uploaded.update({op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations})
-
-    monkeypatch.setattr(transformers_hub, "_hf_api", CapturedHub())
-    base = str(trained.base_dir)  # a local path: PEFT reads the base model's config.json while saving
-    monkeypatch.setattr(trained.model.peft_config["default"], "base_model_name_or_path", base)
-    trained.model.push_to_hub("someone/ladder-adapter")
+    uploaded, base = _captured_push(trained, monkeypatch)
     card = uploaded["README.md"].decode()
     body = card.split("---", 2)[2]
     assert "## How to load" in body and "pip install peft-ladder" in body

@@ -14,22 +14,11 @@ from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_l
 from datasets import Dataset
 from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file
-from tiny_training import BackboneSaveProbe, counting_rows, side_parameters, watch_training
+from tiny_training import CHECKPOINT_FILES, BackboneSaveProbe, counting_rows, side_parameters, watch_training
 from transformers import Trainer, TrainingArguments
 
 from peft_ladder.layer import GC_WARNING
 from peft_ladder.memory import saved_bytes
-
-CHECKPOINT_FILES = {
-    "README.md",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "optimizer.pt",
-    "rng_state.pth",
-    "scheduler.pt",
-    "trainer_state.json",
-    "training_args.bin",
-}
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:

@@ -13,6 +13,18 @@ import torch
 from conftest import VOCAB
 from torch import nn
 
+# What a Trainer checkpoint of a PEFT model holds (TRL adds the tokenizer's files).
+CHECKPOINT_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "rng_state.pth",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+}
+
 # 3 special tokens (pad 0, eos 1, bos 2, as in conftest.tiny_config) + 93 characters = the tiny models' VOCAB.
 ALPHABET = "".join(chr(c) for c in range(33, 127))[: VOCAB - 3]
 
