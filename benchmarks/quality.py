@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each its own single-threaded process")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where each run trains: cpu (default; time is single-thread process CPU time) or cuda (time is "
+        "synchronized wall time on a GPU that --jobs runs share, indicative only; losses and FLOPs are the same kind)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it is reported failed")
     parser.add_argument("--out", default="benchmarks/results/quality-cpu")
     parser.add_argument("--report", metavar="RESULTS_JSON", default=None, help="only rewrite the .md and .png")
@@ -164,16 +171,36 @@ def plan_steps(model, train: list[dict], budget: tuple[str, float], cache: dict)
     return steps
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+class StepTimer:
+    """Time of one training step: process CPU time on CPU; on CUDA, wall time between two synchronizations."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.key = "cuda_s_per_step" if self.cuda else "cpu_s_per_step"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+
 def run(spec: dict) -> dict:
     """Train one (task, method, seed) and record its curve; the body of a worker process."""
     from peft_ladder.memory import measure_training_step
 
     torch.set_num_threads(1)
     task, method = spec["task"], spec["method"]
+    device = torch.device(spec.get("device", "cpu"))
     data = setup.workload(task, spec["size"], spec["data_seed"])
+    data["train"], data["eval"] = [_to(b, device) for b in data["train"]], [_to(b, device) for b in data["eval"]]
     train = data["train"]
     torch.manual_seed(spec["seed"])
-    model = setup.build(method, task, data["num_labels"])
+    model = setup.build(method, task, data["num_labels"]).to(device)
     opts = {**spec["training"], **method.get("training", {})}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
@@ -183,21 +210,23 @@ def run(spec: dict) -> dict:
     flops = shape_flops(model, batches, cache)
     evals = spec["size"]["evals"]
     marks = sorted({min(steps, max(1, round(steps * k / evals))) for k in range(1, evals + 1)})
-    curve = [{"step": 0, "flops": 0, "cpu_s": 0.0, **setup.evaluate(model, data["eval"], task)}]
+    timer = StepTimer(device)
+    clock = timer.key.removesuffix("_per_step")  # cpu_s, or cuda_s on a GPU
+    curve = [{"step": 0, "flops": 0, clock: 0.0, **setup.evaluate(model, data["eval"], task)}]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, opts["warmup"], opts["schedule"])
     )
     cpu, total, times = 0.0, 0, []
     for step, batch in enumerate(batches, start=1):
-        start = time.process_time()
+        start = timer.now()
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        times.append(time.process_time() - start)
+        times.append(timer.now() - start)
         cpu, total = cpu + times[-1], total + flops[step - 1]
         if step in marks:
-            curve.append({"step": step, "flops": total, "cpu_s": cpu, **setup.evaluate(model, data["eval"], task)})
+            curve.append({"step": step, "flops": total, clock: cpu, **setup.evaluate(model, data["eval"], task)})
     memory = measure_training_step(model, optimizer, train[0])
     trainable, all_params = model.get_nb_trainable_parameters() if hasattr(model, "peft_config") else _count(model)
     return {
@@ -212,7 +241,7 @@ def run(spec: dict) -> dict:
         "peak_bytes": memory.peak_bytes,
         "saved_bytes": memory.saved_bytes,
         "memory_shape": list(train[0]["input_ids"].shape),
-        "cpu_s_per_step": statistics.median(times),
+        timer.key: statistics.median(times),
         "flops_per_shape": {"x".join(map(str, k)): v for k, v in cache.items()},
         "flops_per_step": total / steps,
         "curve": curve,
@@ -241,9 +270,9 @@ def _ids(spec: dict) -> dict:
     return {"task": spec["task"], "method": spec["method"]["name"], "seed": spec["seed"]}
 
 
-def lora_budget_flops(task: str, size: dict, steps: int, data_seed: int, timeout) -> float:
+def lora_budget_flops(task: str, size: dict, steps: int, data_seed: int, timeout, device: str = "cpu") -> float:
     """The training FLOPs of `steps` LoRA steps on the task's batches, counted in a subprocess."""
-    spec = {"task": task, "size": size, "data_seed": data_seed, "lora_steps": steps}
+    spec = {"task": task, "size": size, "data_seed": data_seed, "lora_steps": steps, "device": device}
     done = run_worker("benchmarks.quality", spec, timeout, threads=1)
     result = worker_result(done)
     if done.returncode != 0 or result is None:
@@ -257,11 +286,24 @@ def _worker(path: str) -> dict:
     if "lora_steps" not in spec:
         return run(spec)
     torch.set_num_threads(1)
+    device = torch.device(spec.get("device", "cpu"))
     data = setup.workload(spec["task"], spec["size"], spec["data_seed"])
-    model = setup.build(setup.method_spec("lora", {}), spec["task"], data["num_labels"])
-    train, cache = data["train"], {}
+    model = setup.build(setup.method_spec("lora", {}), spec["task"], data["num_labels"]).to(device)
+    train, cache = [_to(b, device) for b in data["train"]], {}
     flops = shape_flops(model, [train[i % len(train)] for i in range(spec["lora_steps"])], cache)
     return {"flops": sum(flops)}
+
+
+def _write_json(results: dict, path: str) -> None:
+    with open(path + ".tmp", "w") as handle:
+        json.dump(results, handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _environment(device: str) -> dict:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but torch sees no CUDA device; use --device cpu")
+    return environment(torch.device(device))
 
 
 def main(argv=None) -> int:
@@ -276,6 +318,7 @@ def main(argv=None) -> int:
             results = json.load(handle)
         print(write_reports(results, os.path.dirname(os.path.abspath(args.report))))
         return 0
+    env = _environment(args.device)
     tasks = ["gsm8k", "bbc"] if args.task == "all" else [args.task]
     for task in tasks:
         missing = setup.missing_packages(task)
@@ -289,7 +332,7 @@ def main(argv=None) -> int:
         size = SIZES[args.size][task]
         kind, value = parse_budget(args.budget or size["budget"])
         if kind == "lora-steps":
-            budget = ("flops", lora_budget_flops(task, size, int(value), args.data_seed, args.timeout))
+            budget = ("flops", lora_budget_flops(task, size, int(value), args.data_seed, args.timeout, args.device))
         else:
             budget = (kind, value)
         budgets[task] = {"spec": args.budget or size["budget"], "kind": budget[0], "value": budget[1]}
@@ -304,28 +347,34 @@ def main(argv=None) -> int:
                         "data_seed": args.data_seed,
                         "budget": budget,
                         "training": training,
+                        "device": args.device,
                     }
                 )
+
+    results = {
+        "environment": {**env, "threads_per_run": 1, "jobs": args.jobs},
+        "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "report")},
+        "sizes": {task: SIZES[args.size][task] for task in tasks},
+        "budgets": budgets,
+        "runs": [],
+    }
+    os.makedirs(args.out, exist_ok=True)
+    lock = threading.Lock()
 
     def one(spec: dict) -> dict:
         record = run_in_subprocess(spec, args.timeout)
         state = "failed: " + record["error"].splitlines()[-1] if record.get("error") else "done"
         print(f"  {spec['task']} {spec['method']['name']} seed {spec['seed']}: {state}", file=sys.stderr, flush=True)
+        with lock:  # results.json holds every finished run, so an interrupted sweep keeps them (rerun --report)
+            results["runs"].append(record)
+            _write_json(results, os.path.join(args.out, "results.json"))
         return record
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        records = list(pool.map(one, specs))
-    results = {
-        "environment": {**environment(torch.device("cpu")), "threads_per_run": 1, "jobs": args.jobs},
-        "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "report")},
-        "sizes": {task: SIZES[args.size][task] for task in tasks},
-        "budgets": budgets,
-        "runs": records,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
+        results["runs"] = list(pool.map(one, specs))  # the specs' order, not the finishing order
+    records = results["runs"]
+    _write_json(results, os.path.join(args.out, "results.json"))
     print(write_reports(results, args.out))
     return 0 if not any(r.get("error") for r in records) else 1
 

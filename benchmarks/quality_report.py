@@ -53,11 +53,12 @@ def summarize(results: dict, task: str) -> dict:
     reference = groups.get("lora") or next(iter(groups.values()), [])
     ref_steps = min((r["steps"] for r in reference), default=0)
     ref_flops = min((r["curve"][-1]["flops"] for r in reference), default=0)
-    summary = {"ref_steps": ref_steps, "ref_flops": ref_flops, "methods": {}}
+    summary = {"ref_steps": ref_steps, "ref_flops": ref_flops, "methods": {}, "time": time_label(results)}
     for method, runs in groups.items():
         row = {"seeds": len(runs)}
-        for key in ("trainable_params", "peak_bytes", "saved_bytes", "cpu_s_per_step", "flops_per_step", "steps"):
+        for key in ("trainable_params", "peak_bytes", "saved_bytes", "flops_per_step", "steps"):
             row[key] = statistics.mean(r[key] for r in runs)
+        row["time_per_step"] = statistics.mean(r.get("cuda_s_per_step", r.get("cpu_s_per_step")) for r in runs)
         for metric in ("loss", "accuracy"):
             if metric not in runs[0]["curve"][0]:
                 continue
@@ -73,6 +74,11 @@ def summarize(results: dict, task: str) -> dict:
     return summary
 
 
+def time_label(results: dict) -> str:
+    """'CPU' for single-thread process CPU time; 'CUDA' for synchronized wall time on a GPU (--device cuda)."""
+    return "CUDA" if results["environment"]["device"].startswith("cuda") else "CPU"
+
+
 def _mean(stat):
     return None if stat is None else stat[0]
 
@@ -80,7 +86,8 @@ def _mean(stat):
 def method_table(summary: dict, task: str) -> list[str]:
     accuracy = task != "gsm8k"
     head = (
-        "| method | seeds | trainable params | peak MiB | saved MiB | CPU s/step | GFLOPs/step | steps | "
+        f"| method | seeds | trainable params | peak MiB | saved MiB | {summary['time']} s/step | GFLOPs/step | "
+        "steps | "
         f"loss @ {summary['ref_steps']} steps | loss @ {summary['ref_flops'] / 1e12:.3g} TFLOPs | loss gain @ FLOPs | "
         + ("acc @ steps (%) | acc @ FLOPs (%) | " if accuracy else "")
         + "peak / LoRA | time / LoRA | gain / LoRA |"
@@ -94,7 +101,7 @@ def method_table(summary: dict, task: str) -> list[str]:
             f"{row['trainable_params']:,.0f}",
             f"{row['peak_bytes'] / MIB:.1f}",
             f"{row['saved_bytes'] / MIB:.1f}",
-            f"{row['cpu_s_per_step']:.2f}",
+            f"{row['time_per_step']:.3f}",
             f"{row['flops_per_step'] / 1e9:.1f}",
             f"{row['steps']:.0f}",
             _pm(row.get("loss_steps")),
@@ -105,7 +112,7 @@ def method_table(summary: dict, task: str) -> list[str]:
             cells += [_pm(row.get("accuracy_steps"), ".1f", 100), _pm(row.get("accuracy_flops"), ".1f", 100)]
         cells += [
             _fmt(_ratio(row["peak_bytes"], lora.get("peak_bytes"))),
-            _fmt(_ratio(row["cpu_s_per_step"], lora.get("cpu_s_per_step"))),
+            _fmt(_ratio(row["time_per_step"], lora.get("time_per_step"))),
             _fmt(_ratio(_mean(row.get("gain_flops")), _mean(lora.get("gain_flops")))),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -125,7 +132,7 @@ def targets(summary: dict, task: str) -> list[str]:
     for name in (m for m in LADDERS if m in rows):
         row = rows[name]
         peak = _ratio(row["peak_bytes"], lora["peak_bytes"])
-        time = _ratio(row["cpu_s_per_step"], lora["cpu_s_per_step"])
+        time = _ratio(row["time_per_step"], lora["time_per_step"])
         if task == "gsm8k":
             gain = _ratio(_mean(row.get("gain_flops")), _mean(lora.get("gain_flops")))
             lines.append(
@@ -140,7 +147,14 @@ def targets(summary: dict, task: str) -> list[str]:
                 f"LoRA (target within 1 point): {_met(None if gap is None else gap >= -1)}"
             )
         lines.append(f"- {name}: peak memory {_fmt(peak)}x LoRA's (target <= 0.55): {_met(peak and peak <= 0.55)}")
-        lines.append(f"- {name}: CPU time per step {_fmt(time)}x LoRA's (target <= 0.6): {_met(time and time <= 0.6)}")
+        if summary["time"] == "CPU":
+            ok = _met(time and time <= 0.6)
+            lines.append(f"- {name}: CPU time per step {_fmt(time)}x LoRA's (target <= 0.6): {ok}")
+        else:  # wall time on a GPU shared by concurrent runs is not the target's measure
+            lines.append(
+                f"- {name}: CUDA wall time per step {_fmt(time)}x LoRA's (indicative; the target, <= 0.6x, is for "
+                "single-thread CPU time: see a `--device cpu` run)"
+            )
     return lines
 
 
@@ -150,11 +164,11 @@ def last_k_sweep(summary: dict) -> list[str]:
     sweep = sorted((int(m.removeprefix("lora-last")), m) for m in rows if m.startswith("lora-last"))
     if not sweep:
         return ["No `lora-last<k>` method ran (add e.g. `--methods ladder,lora,lora-last2,lora-last4,lora-last8`)."]
-    lines = ["| k | peak MiB | CPU s/step | loss @ FLOPs |", "| --- | --- | --- | --- |"]
+    lines = [f"| k | peak MiB | {summary['time']} s/step | loss @ FLOPs |", "| --- | --- | --- | --- |"]
     for k, name in sweep:
         row = rows[name]
         lines.append(
-            f"| {k} | {row['peak_bytes'] / MIB:.1f} | {row['cpu_s_per_step']:.2f} | {_pm(row.get('loss_flops'))} |"
+            f"| {k} | {row['peak_bytes'] / MIB:.1f} | {row['time_per_step']:.3f} | {_pm(row.get('loss_flops'))} |"
         )
     ladder = rows.get("ladder")
     if ladder:
@@ -174,11 +188,12 @@ def frontier(summary: dict) -> list[str]:
     rows = {m: r for m, r in summary["methods"].items() if r.get("loss_flops")}
 
     def dominated(a, b) -> bool:
-        keys = [(_mean(rows[x]["loss_flops"]), rows[x]["peak_bytes"], rows[x]["cpu_s_per_step"]) for x in (a, b)]
+        keys = [(_mean(rows[x]["loss_flops"]), rows[x]["peak_bytes"], rows[x]["time_per_step"]) for x in (a, b)]
         return all(q <= p for p, q in zip(*keys, strict=True)) and keys[0] != keys[1]
 
     best = [m for m in rows if not any(dominated(m, other) for other in rows if other != m)]
-    return [f"Frontier (loss at equal FLOPs, peak memory, CPU s/step; not dominated): {', '.join(best) or '-'}."]
+    measures = f"loss at equal FLOPs, peak memory, {summary['time']} s/step"
+    return [f"Frontier ({measures}; not dominated): {', '.join(best) or '-'}."]
 
 
 def markdown(results: dict) -> str:
@@ -188,9 +203,15 @@ def markdown(results: dict) -> str:
         "",
         f"`{results['command']}`",
         "",
-        f"{env['date']}, {env.get('cpu', env['device'])}, torch {env['torch']}, transformers "
+        f"{env['date']}, {env.get('gpu') or env.get('cpu', env['device'])}, torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}; one thread per run, {env['jobs']} runs at once. "
-        "Time is process CPU time of the training steps; FLOPs are counted exactly (FlopCounterMode). "
+        + (
+            "Time is process CPU time of the training steps; "
+            if time_label(results) == "CPU"
+            else f"Time is synchronized wall time of the training steps on one GPU shared by {env['jobs']} runs "
+            "(indicative only); peak memory is torch.cuda.max_memory_allocated per run; "
+        )
+        + "FLOPs are counted exactly (FlopCounterMode). "
         "Values are mean ± std over seeds; values at equal steps / FLOPs are interpolated linearly on each run's "
         "curve.",
     ]

@@ -88,6 +88,8 @@ def workload(task: str, size: dict, data_seed: int) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    if tokenizer.pad_token_id is None:  # older transformers convert the GGUF tokenizer without a pad token
+        tokenizer.pad_token = tokenizer.eos_token
     batch, seq_len, n_eval, n_train = size["batch_size"], size["seq_len"], size["eval_size"], size["train_pool"]
     if task == "gsm8k":
         assets, demo = _examples()
