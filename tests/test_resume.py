@@ -4,7 +4,8 @@ The killed runs are real processes (`tests/resume_worker.py`) that send themselv
 point: inside a step's forward pass, or inside a checkpoint write. They are started together, since they spend their
 time importing; the uninterrupted and the resumed runs train in this process with the worker's own code. The run has
 attention dropout on, so an exact result needs the checkpoint's RNG state, not only its weights
-(`test_without_the_rng_state_the_resumed_run_differs` shows the comparison can fail).
+(`test_without_the_rng_state_the_resumed_run_differs` shows the comparison can fail). Every test that uses the
+killed runs is marked slow: the four processes take about 7 s of CPU time each, nearly all of it imports.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from safetensors.torch import load_file
 from tiny_training import CHECKPOINT_FILES
 
 from peft_ladder import IncompleteCheckpointWarning, last_complete_checkpoint
-
-pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 # name -> (--kill, --at): where each killed run dies.
@@ -53,11 +52,17 @@ def runs(tmp_path_factory):
         )
         for name, (kill, at) in KILLED.items()
     }
-    reference = run(root / "uninterrupted")
     killed = {}
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=300)
-        killed[name] = (root / name, process.returncode, stderr)
+    try:
+        reference = run(root / "uninterrupted")
+        for name, process in processes.items():
+            _, stderr = process.communicate(timeout=300)
+            killed[name] = (root / name, process.returncode, stderr)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return killed, reference, root / "uninterrupted"
 
 
@@ -89,9 +94,11 @@ def assert_resumed_exactly(resumed: dict, reference: dict, from_step: int) -> No
     assert_identical(resumed, reference)  # weights, AdamW moments and steps, scheduler, all six losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, signum, last",
     [("sigkill", signal.SIGKILL, "checkpoint-2"), ("sigterm", signal.SIGTERM, "checkpoint-4")],
+    ids=["sigkill", "sigterm"],
 )
 def test_a_run_killed_mid_step_resumes_to_the_weights_of_the_uninterrupted_run(runs, name, signum, last):
     killed, reference, _ = runs
@@ -105,6 +112,7 @@ def test_a_run_killed_mid_step_resumes_to_the_weights_of_the_uninterrupted_run(r
     assert_resumed_exactly(resumed, reference, from_step=int(last.split("-")[1]))
 
 
+@pytest.mark.slow
 def test_without_the_rng_state_the_resumed_run_differs(runs, tmp_path):
     # What makes the resume above exact is the RNG state in rng_state.pth: the dropout masks of the replayed steps.
     _, reference, uninterrupted = runs
@@ -117,6 +125,7 @@ def test_without_the_rng_state_the_resumed_run_differs(runs, tmp_path):
     assert difference > 1e-3
 
 
+@pytest.mark.slow
 def test_a_checkpoint_half_written_when_the_kill_lands_is_skipped_on_resume(runs):
     killed, reference, uninterrupted = runs
     output_dir, returncode, stderr = killed["sigkill-in-save"]
@@ -138,6 +147,7 @@ def test_a_checkpoint_half_written_when_the_kill_lands_is_skipped_on_resume(runs
     assert_identical(load_file(output_dir / "checkpoint-4" / "adapter_model.safetensors"), expected)
 
 
+@pytest.mark.slow
 def test_jit_checkpoint_on_sigterm_resumes_but_not_exactly_with_dropout(runs):
     # transformers' enable_jit_checkpoint: SIGTERM requests a checkpoint at the next callback point. Requested in
     # step 3's forward pass, it is taken in on_pre_optimizer_step: checkpoint-2 is written again with the weights,
