@@ -22,6 +22,7 @@ def _running_the_planner() -> bool:
 if not _running_the_planner():
     from . import hub
     from ._registration import LadderPeftType, register
+    from .checkpoints import IncompleteCheckpointWarning, last_complete_checkpoint
     from .config import LadderConfig
     from .connections import ConnectionPlan, resolve_plan
     from .model import LadderModel
@@ -39,4 +40,6 @@ __all__ = [
     "ConnectionPlan",
     "resolve_plan",
     "initialize_side_fisher",
+    "last_complete_checkpoint",
+    "IncompleteCheckpointWarning",
 ]
