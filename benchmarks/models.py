@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peft_ladder.methods import LORA_ALPHA, LORA_R, Method
+from peft_ladder.options import enable_activation_checkpointing
 from peft_ladder.quantization import as_bitsandbytes_config
 
 # Built-in models (transformers configs, random weights): no download needed.
@@ -119,7 +120,7 @@ def build(model_dir: str, method: Method, dtype: torch.dtype, device: torch.devi
     model = load_backbone(model_dir, method, dtype, device)
     model.config.use_cache = False
     if method.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, {"use_reentrant": False})
     if method.kind == "full":
         if method.quantization is not None:
             raise ValueError(f"method {method.name!r}: full fine-tuning of a quantized backbone is not possible.")

@@ -33,6 +33,7 @@ from torch import nn
 
 from peft_ladder import LadderConfig
 from peft_ladder.memory import held_tensors, measure_training_step, saved_bytes, storage_bytes
+from peft_ladder.options import enable_activation_checkpointing
 from peft_ladder.quantization import LadderQuantizationWarning, quantize_in_place
 
 from .models import gpu_faithful_bitsandbytes
@@ -122,7 +123,7 @@ def peft_config(method: str):
 def training_step(model_name: str, method: str, inputs: dict) -> dict:
     base = build(model_name, torch.bfloat16, "4bit")
     if method == "qlora + gradient checkpointing":
-        base.gradient_checkpointing_enable()
+        enable_activation_checkpointing(base)
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(method)).train()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ def _running_the_planner() -> bool:
 
 
 if not _running_the_planner():
-    from . import hub
+    from . import hub, options
     from ._registration import LadderPeftType, register
     from .checkpoints import IncompleteCheckpointWarning, last_complete_checkpoint
     from .config import LadderConfig
@@ -31,6 +31,7 @@ if not _running_the_planner():
 
     register(LadderConfig, LadderModel)
     hub.install()
+    options.install()
 
 __all__ = [
     "LadderConfig",

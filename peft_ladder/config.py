@@ -10,6 +10,7 @@ from peft.config import PeftConfig
 
 from ._registration import LadderPeftType
 from .connections import PRESETS, check_sizes, normalize_connections
+from .options import check_config_kwargs
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 from .side_init import SIDE_INITS, SideInit
 from .side_network import FUSION_SCALES, FusionScale
@@ -181,6 +182,11 @@ class LadderConfig(PeftConfig):
 
     # Ladder finds its target modules (every decoder layer and the final norm) itself; PEFT reads this attribute.
     target_modules = None
+
+    def __new__(cls, *args, **kwargs):
+        # LoraConfig-only keywords: a TypeError saying what to use instead, not the dataclass's bare one.
+        check_config_kwargs(kwargs)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         # A saved adapter_config.json always carries `peft_type`; a config written in code does not. A saved config

@@ -33,6 +33,14 @@ GC_WARNING = (
     "turns it on by default) to avoid that recompute."
 )
 
+# The decoder returned without running the fusion layer's forward: something replaced it on the instance.
+FUSION_BYPASSED = (
+    "Ladder's fusion layer (the wrapped final norm) did not run: its forward was replaced after the adapter was "
+    "attached, so the side network would never be used nor trained. Liger kernels do this (use_liger_kernel=True "
+    "patches the final RMSNorm): keep Liger's fused loss without its norm with "
+    "liger_kernel_config={'rms_norm': False}, or set use_liger_kernel=False."
+)
+
 
 class ForwardState:
     """What one forward pass through the backbone collects for the side network (plain Python: never saved).
@@ -69,6 +77,9 @@ class ForwardState:
     def record_block_inputs(self, args: tuple, kwargs: dict) -> None:
         """The reference layer's attention inputs (mask, rotary, cache), which the side blocks reuse."""
         self._block_args, self._block_kwargs = args, kwargs
+
+    def has_taps(self) -> bool:
+        return bool(self._taps)
 
     def take(self) -> tuple[dict[int, torch.Tensor], tuple, dict]:
         """The projected taps and block inputs of this forward; the state keeps nothing of them."""
@@ -122,7 +133,10 @@ class BackboneGuard:
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._release(module, args)  # also when the forward raised before reaching the fusion point
+        bypassed = output is not None and self.state.has_taps()
         self.state.clear()
+        if bypassed:
+            raise RuntimeError(FUSION_BYPASSED)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -206,7 +220,8 @@ class LadderFusionLayer(LadderLayer):
 
     def update_layer(self, adapter_name: str, side: LadderSideNetwork) -> None:
         self.ladder_side[adapter_name] = side.train(self.base_layer.training)  # follow the model's mode (dropout)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # An offloaded norm (device_map with "cpu"/"disk" offload) holds meta weights: its execution device counts.
+        self._move_adapter_to_device_of_base_layer(adapter_name, _execution_device(self.base_layer))
         self.set_adapter(self.active_adapters)
 
     def install_guard(self, decoder: nn.Module) -> BackboneGuard:
@@ -231,7 +246,15 @@ class LadderFusionLayer(LadderLayer):
         if side is None or not taps:
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        block_args, block_kwargs = _cast_floats((block_args, block_kwargs), side.dtype)
+        if side.up.weight.is_meta:
+            raise RuntimeError(
+                f"Adapter {self.active_adapters[0]!r} has no weights yet: it was created with low_cpu_mem_usage=True, "
+                "which makes empty (meta) weights for loading. Load them (set_peft_model_state_dict, load_adapter) "
+                "or call get_peft_model without low_cpu_mem_usage to train a new adapter."
+            )
+        # The side network may sit on another device than the last decoder layer (device_map across devices).
+        hidden_states = hidden_states.to(side.up.weight.device)
+        block_args, block_kwargs = _to_side((block_args, block_kwargs), side.dtype, side.up.weight.device)
         reserve_side_slots(_find_cache(block_args, block_kwargs), side.side_config)  # each adapter its own depth
 
         def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
@@ -287,14 +310,24 @@ def _find_cache(args: tuple, kwargs: dict):
     return None
 
 
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    """Cast the floating tensors among the reused attention inputs (rotary cos/sin, additive masks) to `dtype`."""
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """The device accelerate runs `module` on (its `_hf_hook`), or None: then its weights' device counts."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
+    devices = [getattr(h, "execution_device", None) for h in hooks]
+    device = next((d for d in devices if d is not None), None)
+    return None if device is None else torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+
+
+def _to_side(obj: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Move the reused attention inputs (rotary cos/sin, masks, positions) to the side network's device, and cast the
+    floating ones to its dtype."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_cast_floats(item, dtype) for item in obj)
+        return tuple(_to_side(item, dtype, device) for item in obj)
     if isinstance(obj, list):
-        return [_cast_floats(item, dtype) for item in obj]
+        return [_to_side(item, dtype, device) for item in obj]
     if isinstance(obj, dict):
-        return {key: _cast_floats(value, dtype) for key, value in obj.items()}
+        return {key: _to_side(value, dtype, device) for key, value in obj.items()}
     return obj

@@ -38,6 +38,7 @@ from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
 from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
 from .loss import chunked_causal_lm_forward, chunking_blocker
+from .options import check_modules_to_save
 from .quantization import describe, prepare_backbone
 from .side_init import check_supported, prepare_side_init
 from .side_network import LadderSideNetwork
@@ -61,6 +62,7 @@ class AdapterSetup:
     def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
         """Raise a ValueError if `config` does not fit `model`; nothing is changed."""
         backbone = find_backbone(model)
+        check_modules_to_save(model, config.modules_to_save, backbone.norm_name.rpartition(".")[0])
         plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None

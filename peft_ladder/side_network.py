@@ -90,7 +90,7 @@ class LadderSideNetwork(nn.Module):
 
     def project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone."""
-        return self.down[str(index)](hidden.detach().to(self.dtype))
+        return self.down[str(index)](hidden.detach().to(self.up.weight.device, self.dtype))
 
     def output_scale(self, stream: torch.Tensor) -> torch.Tensor:
         """Per-token RMS of h_L (B, T, 1), detached: the unit the side output is added in (module docstring)."""
