@@ -20,7 +20,7 @@ def _running_the_planner() -> bool:
 
 
 if not _running_the_planner():
-    from . import hub
+    from . import hub, load_checks
     from ._registration import LadderPeftType, register
     from .config import LadderConfig
     from .connections import ConnectionPlan, resolve_plan
@@ -30,6 +30,7 @@ if not _running_the_planner():
 
     register(LadderConfig, LadderModel)
     hub.install()
+    load_checks.install()
 
 __all__ = [
     "LadderConfig",
