@@ -20,7 +20,7 @@ def _running_the_planner() -> bool:
 
 
 if not _running_the_planner():
-    from . import hub, options
+    from . import hub, load_checks, options
     from ._registration import LadderPeftType, register
     from .checkpoints import IncompleteCheckpointWarning, last_complete_checkpoint
     from .config import LadderConfig
@@ -32,6 +32,7 @@ if not _running_the_planner():
     register(LadderConfig, LadderModel)
     hub.install()
     options.install()
+    load_checks.install()
 
 __all__ = [
     "LadderConfig",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
 from ._registration import LadderPeftType
 from .connections import PRESETS, check_sizes, normalize_connections
+from .load_checks import CONFIG_NAME, read_config_json, saved_tensor_shapes, unknown_fields
 from .options import check_config_kwargs
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 from .side_init import SIDE_INITS, SideInit
@@ -182,11 +186,38 @@ class LadderConfig(PeftConfig):
 
     # Ladder finds its target modules (every decoder layer and the final norm) itself; PEFT reads this attribute.
     target_modules = None
+    # (folder, {key: shape}) of the weights `from_pretrained` found next to the config, until the tuner has compared
+    # them with the side network it builds (load_checks.py). Not a field: never saved.
+    saved_weights = None
 
     def __new__(cls, *args, **kwargs):
         # LoraConfig-only keywords: a TypeError saying what to use instead, not the dataclass's bare one.
         check_config_kwargs(kwargs)
+        # PEFT drops adapter_config.json fields that a config class does not know, with a warning (peft config.py,
+        # `from_peft_type`); a Ladder field dropped that way would change what the adapter computes. Refuse instead.
+        message = unknown_fields({f.name for f in fields(cls)}, kwargs)
+        if message:
+            raise TypeError(message)
         return super().__new__(cls)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's `from_pretrained` (which `PeftModel.from_pretrained` and `load_adapter` call before they touch the
+        model), failing on a local folder's damaged or invalid files with the file's name (load_checks.py)."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_file):  # on the Hub: PEFT downloads and reads it
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        read_config_json(config_file)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as error:
+            if type(error) not in (TypeError, ValueError):
+                raise
+            raise type(error)(f"{config_file}: {error}") from error
+        shapes = saved_tensor_shapes(folder)
+        config.saved_weights = None if shapes is None else (folder, shapes)
+        return config
 
     def __post_init__(self) -> None:
         # A saved adapter_config.json always carries `peft_type`; a config written in code does not. A saved config
@@ -215,11 +246,13 @@ class LadderConfig(PeftConfig):
         if version > LADDER_FORMAT_VERSION:
             writer = self.peft_ladder_version or "a newer version"
             raise ValueError(
-                f"This Ladder adapter was saved in format {version} by peft-ladder {writer}; peft-ladder "
+                f"ladder_format_version={version}: this Ladder adapter was saved in format {version} by peft-ladder "
+                f"{writer}; peft-ladder "
                 f"{__version__} reads formats 1 to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U "
                 f"'peft-ladder>={writer}'."
                 if self.peft_ladder_version
-                else f"This Ladder adapter was saved in format {version}; peft-ladder {__version__} reads formats 1 "
+                else f"ladder_format_version={version}: this Ladder adapter was saved in format {version}; peft-ladder "
+                f"{__version__} reads formats 1 "
                 f"to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U peft-ladder."
             )
         if self.peft_ladder_version is None and version == LADDER_FORMAT_VERSION:
@@ -251,16 +284,37 @@ class LadderConfig(PeftConfig):
                 raise ValueError(f"gate={self.gate!r} is unknown; use 'sum', 'learned' or a float weight in [0, 1].")
         elif isinstance(self.gate, bool) or not isinstance(self.gate, numbers.Real) or not 0.0 <= self.gate <= 1.0:
             raise ValueError(f"gate={self.gate!r} must be 'sum', 'learned' or a float weight in [0, 1], e.g. 0.5.")
-        if not isinstance(self.gate_temperature, numbers.Real) or self.gate_temperature <= 0:
-            raise ValueError(f"gate_temperature={self.gate_temperature!r} must be a positive number, e.g. 0.1.")
+        temperature = self.gate_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+            raise ValueError(f"gate_temperature={temperature!r} must be a positive number (finite), e.g. 0.1.")
         if self.loss_chunk_size is not None:
             _check_positive_int(
                 "loss_chunk_size",
                 self.loss_chunk_size,
                 "a positive number of tokens (e.g. 256) or None (the model's own loss, with logits)",
             )
+        self._validate_flags()
         self._validate_quantization()
         self._validate_side_init()
+
+    def _validate_flags(self) -> None:
+        for name in ("init_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if self.peft_ladder_version is not None and not isinstance(self.peft_ladder_version, str):
+            raise ValueError(
+                f"peft_ladder_version={self.peft_ladder_version!r} must be a version string or None; it is filled in "
+                "when the config is created, leave it unset."
+            )
+        modules = self.modules_to_save
+        if isinstance(modules, str):
+            raise ValueError(
+                f"modules_to_save={modules!r} is a string; give a list of module names: modules_to_save=[{modules!r}]."
+            )
+        if modules is not None and (
+            not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules)
+        ):
+            raise ValueError(f"modules_to_save={modules!r} must be None or a list of module names, e.g. ['score'].")
 
     def _validate_side_init(self) -> None:
         if self.side_init not in SIDE_INITS:
@@ -280,14 +334,14 @@ class LadderConfig(PeftConfig):
                 f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is unknown; use "
                 f"{_listed(QUANT_TYPES[:-1], repr(QUANT_TYPES[-1]))}."
             )
-        dtype = self.bnb_4bit_compute_dtype
-        if dtype is not None and not isinstance(dtype, str):
-            dtype = self.bnb_4bit_compute_dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
+        given = self.bnb_4bit_compute_dtype
+        dtype = str(given).removeprefix("torch.") if isinstance(given, torch.dtype) else given  # torch.bfloat16
         if dtype is not None and dtype not in COMPUTE_DTYPES:
             raise ValueError(
-                f"bnb_4bit_compute_dtype={dtype!r} is not a float dtype bitsandbytes computes in; use "
+                f"bnb_4bit_compute_dtype={given!r} is not a float dtype bitsandbytes computes in; use "
                 f"{_listed(COMPUTE_DTYPES, 'None')} (the backbone's dtype)."
             )
+        self.bnb_4bit_compute_dtype = dtype
         if not isinstance(self.bnb_4bit_use_double_quant, bool):
             raise ValueError(f"bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} must be True or False.")
 

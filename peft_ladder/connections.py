@@ -7,6 +7,8 @@ layer `i`. A plan needs `hidden[source]` for the side stream's start `s_0` and `
 
 from __future__ import annotations
 
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Mapping, Union
 
@@ -47,12 +49,11 @@ def normalize_connections(connections: ConnectionSpec) -> ConnectionSpec:
             f"connections={connections!r} must be 'ladder', 'xladder' or a non-empty {{backbone_layer: side_block}} "
             "dict such as {0: 0, 1: 1}."
         )
-    try:
-        mapping = {int(layer): int(block) for layer, block in connections.items()}
-    except (TypeError, ValueError):
+    mapping = {_index(layer, json_key=True): _index(block) for layer, block in connections.items()}
+    if None in mapping or None in mapping.values() or len(mapping) != len(connections):
         raise ValueError(
             f"connections={connections!r} must map integer backbone layers to integer side blocks, e.g. {{0: 0, 1: 1}}."
-        ) from None
+        )
     negative = {k: v for k, v in mapping.items() if k < 0 or v < 0}
     if negative:
         raise ValueError(f"connections={connections!r} has negative indices {negative}; indices are 0-based and >= 0.")
@@ -65,6 +66,15 @@ def normalize_connections(connections: ConnectionSpec) -> ConnectionSpec:
             "block takes at most one backbone layer. Fix: give each backbone layer its own side block."
         )
     return mapping
+
+
+def _index(value: object, json_key: bool = False) -> int | None:
+    """An int index, or None for anything else (True, 1.5, "1" except as a key: JSON writes keys as strings)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if json_key and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    return None
 
 
 def default_side_blocks(connections: ConnectionSpec, num_layers: int) -> int:
@@ -105,8 +115,9 @@ def resolve_plan(
     elif connections == "xladder":
         depth = xladder_depth if xladder_depth is not None else max(1, side_blocks // 2)
         if depth > num_layers:
+            given = "" if xladder_depth is not None else f" (the default, side_layers={side_blocks} // 2)"
             raise ValueError(
-                f"xladder_depth={depth} exceeds the backbone's {num_layers} layers; "
+                f"xladder_depth={depth}{given} exceeds the backbone's {num_layers} layers; "
                 f"choose xladder_depth <= {num_layers}."
             )
         # xLadder: the last `depth` backbone layers feed the first `depth` side blocks; the rest add depth.

@@ -37,6 +37,7 @@ from .config import LadderConfig
 from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
 from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
+from .load_checks import check_saved_tensors, expected_tensor_shapes
 from .loss import chunked_causal_lm_forward, chunking_blocker
 from .options import check_modules_to_save
 from .quantization import describe, prepare_backbone
@@ -70,7 +71,7 @@ class AdapterSetup:
         shrunk = side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor)
         quantized = config.quantization is not None or describe(model) is not None
         check_supported(backbone, shrunk, config.side_init, quantized)
-        return cls(
+        setup = cls(
             backbone,
             plan,
             shrunk,
@@ -78,20 +79,34 @@ class AdapterSetup:
             targets,
             next(existing, None) or ForwardState(),
         )
+        setup.check_saved_weights(model, config)
+        return setup
+
+    def check_saved_weights(self, model: nn.Module, config: LadderConfig) -> None:
+        """Compare the weights LadderConfig.from_pretrained found next to the config with the side network to build."""
+        saved, config.saved_weights = config.saved_weights, None  # checked once, for the load it was read for
+        if saved is not None:
+            folder, shapes = saved
+            expected = expected_tensor_shapes(lambda: self.build_side(model, config), self.backbone.norm_name)
+            layers = self.backbone.num_layers
+            check_saved_tensors(shapes, expected, folder, layers, config, "The base model is unchanged.")
+
+    def build_side(self, model: nn.Module, config: LadderConfig) -> LadderSideNetwork:
+        block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
+        return LadderSideNetwork(
+            self.plan,
+            self.backbone.hidden_size,
+            self.side_config,
+            block_cls,
+            config.gate,
+            config.gate_temperature,
+            config.init_weights,
+            config.fusion_scale,
+        )
 
     def side_network(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:
         if self.side is None:
-            block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
-            self.side = LadderSideNetwork(
-                self.plan,
-                self.backbone.hidden_size,
-                self.side_config,
-                block_cls,
-                config.gate,
-                config.gate_temperature,
-                config.init_weights,
-                config.fusion_scale,
-            )
+            self.side = self.build_side(model, config)
             prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
         return self.side
 
@@ -219,6 +234,24 @@ class LadderModel(BaseTuner):
             self.guard.fusion.remove_guard()
             self.guard = None
         return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        # PEFT loads with strict=False: missing keys only warn and unexpected ones pass silently (a partial load).
+        expected = {
+            cls._checkpoint_key(key, adapter_name): tuple(tensor.shape)
+            for key, tensor in model.state_dict().items()
+            if f".ladder_side.{adapter_name}." in key
+        }
+        saved = {cls._checkpoint_key(key, ""): tuple(tensor.shape) for key, tensor in state_dict.items()}
+        layers = find_backbone(model.get_base_model() if hasattr(model, "get_base_model") else model).num_layers
+        check_saved_tensors(saved, expected, "this state dict", layers, config, "Nothing was loaded.")
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @classmethod
+    def _checkpoint_key(cls, key: str, adapter_name: str) -> str:
+        key = cls._remove_adapter_name_from_key(key, adapter_name) if adapter_name else key
+        return key if key.startswith("base_model.model.") else "base_model.model." + key
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
