@@ -211,7 +211,13 @@ def test_adapter_saved_before_the_fusion_change_loads_with_identical_logits():
     model = PeftModel.from_pretrained(tiny_causal_lm("llama", seed=0), FIXTURE).eval()
     config = model.peft_config["default"]
     assert (config.ladder_format_version, config.fusion_scale) == (1, "rms")
-    assert torch.equal(logits(model), load_file(f"{FIXTURE}/expected_logits.safetensors")["logits"])
+    expected = load_file(f"{FIXTURE}/expected_logits.safetensors")["logits"]
+    # Bit-identical on the stack that wrote the fixture. A newer transformers may round the base model's own ops
+    # differently (8.9e-8 between 5.23 and 5.25); anything the adapter computes differently moves these logits by far
+    # more (the adapter itself moves them by about 0.6, checked below).
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-6)
+    with model.disable_adapter():
+        assert (logits(model) - expected).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("reader", [PeftConfig, LadderConfig])
