@@ -184,15 +184,21 @@ def last_k_sweep(summary: dict) -> list[str]:
 
 
 def frontier(summary: dict) -> list[str]:
-    """Methods no other method beats on all three of loss at equal FLOPs, peak memory and CPU time per step."""
+    """Methods no other method beats on all of loss at equal FLOPs, peak memory and CPU time per step (on CUDA, where
+    the time is wall time on a GPU that concurrent runs share, on the first two only)."""
     rows = {m: r for m, r in summary["methods"].items() if r.get("loss_flops")}
+    timed = summary["time"] == "CPU"
+
+    def key(x) -> tuple:
+        row = rows[x]
+        return (_mean(row["loss_flops"]), row["peak_bytes"]) + ((row["time_per_step"],) if timed else ())
 
     def dominated(a, b) -> bool:
-        keys = [(_mean(rows[x]["loss_flops"]), rows[x]["peak_bytes"], rows[x]["time_per_step"]) for x in (a, b)]
+        keys = [key(a), key(b)]
         return all(q <= p for p, q in zip(*keys, strict=True)) and keys[0] != keys[1]
 
     best = [m for m in rows if not any(dominated(m, other) for other in rows if other != m)]
-    measures = f"loss at equal FLOPs, peak memory, {summary['time']} s/step"
+    measures = "loss at equal FLOPs, peak memory" + (", CPU s/step" if timed else "")
     return [f"Frontier ({measures}; not dominated): {', '.join(best) or '-'}."]
 
 
