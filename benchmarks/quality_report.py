@@ -262,15 +262,15 @@ def plot(results: dict, path: str) -> Optional[str]:
         return None
     tasks = list(results["sizes"])
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10").colors  # then the same colours dashed, then dotted: 30 methods tell apart
     for row, task in enumerate(tasks):
         for number, (method, runs) in enumerate(_groups(results, task).items()):
             points = min(len(r["curve"]) for r in runs)
             for ax, key, scale in ((axes[row][0], "step", 1), (axes[row][1], "flops", 1e-12)):
                 xs = [statistics.mean(r["curve"][i][key] for r in runs) * scale for i in range(points)]
                 ys = [[r["curve"][i]["loss"] for r in runs] for i in range(points)]
-                color = colors[number % len(colors)]
-                ax.plot(xs, [statistics.mean(y) for y in ys], marker="o", ms=3, color=color, label=method)
+                color, style = colors[number % len(colors)], ("-", "--", ":")[number // len(colors) % 3]
+                ax.plot(xs, [statistics.mean(y) for y in ys], style, marker="o", ms=3, color=color, label=method)
                 ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2)
         for ax, label in zip(axes[row], ("training steps", "training TFLOPs (exact)"), strict=True):
             ax.set_xlabel(label)
