@@ -22,5 +22,7 @@ def reserve_side_slots(cache, side_config) -> None:
     if cache.layer_class_to_replicate is not None:
         return  # a lazily grown cache appends slots on first update
     layer_types, layer_kwargs = get_layer_types_and_kwargs(side_config)
+    if isinstance(layer_kwargs, dict):  # transformers before per-layer kwargs (5.17 and older): one dict for all
+        layer_kwargs = [layer_kwargs] * len(layer_types)
     for index in range(len(cache.layers), len(layer_types)):
         cache.layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_types[index]](**layer_kwargs[index]))
