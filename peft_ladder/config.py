@@ -18,6 +18,7 @@ from .options import check_config_kwargs
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 from .side_init import SIDE_INITS, SideInit
 from .side_network import FUSION_SCALES, FusionScale
+from .tokens import TokenIndices, check_token_indices
 
 GATES = ("sum", "learned")
 # The saved format (adapter_config.json), raised whenever a default changes what a saved adapter computes:
@@ -175,6 +176,18 @@ class LadderConfig(PeftConfig):
             "fused LM head are unchanged. None: always use the model's own loss and logits."
         },
     )
+    # --- new tokens (tokens.py; docs/how-to/training.md, "New tokens") ---------------------------------------------
+    trainable_token_indices: Optional[TokenIndices] = field(
+        default=None,
+        metadata={
+            "help": "Token ids to train without training the embedding matrix, e.g. tokens a tokenizer added "
+            "(LoRA's field of the same name; TRL fills it when cloning a chat template adds tokens). A list of ids "
+            "or {module_name: [ids]} naming the input embedding (e.g. 'embed_tokens') or the LM head ('lm_head'). "
+            "The side network holds trainable rows, zero at init: ids of the input embedding get rows added to the "
+            "side stream's input (where the embedding is read) and rows added to the LM head after the fusion; ids "
+            "under the LM head's name get head rows only. Only the rows are saved."
+        },
+    )
     # --- PEFT plumbing ------------------------------------------------------------------------------------------------
     modules_to_save: Optional[list[str]] = field(
         default=None,
@@ -296,6 +309,7 @@ class LadderConfig(PeftConfig):
         self._validate_flags()
         self._validate_quantization()
         self._validate_side_init()
+        check_token_indices(self.trainable_token_indices)
 
     def _validate_flags(self) -> None:
         for name in ("init_weights", "inference_mode"):

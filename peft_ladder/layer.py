@@ -25,6 +25,7 @@ from transformers.utils import output_capturing
 
 from .cache import reserve_side_slots
 from .side_network import LadderSideNetwork
+from .tokens import add_head_rows, record_token_ids
 
 GC_WARNING = (
     "Gradient checkpointing has no effect on Ladder's frozen backbone: it already runs without grad and keeps no "
@@ -55,6 +56,7 @@ class ForwardState:
     def clear(self) -> None:
         self.side: Optional[LadderSideNetwork] = None  # the adapter this forward runs; None: the plain backbone
         self.grad_enabled = True  # the caller's grad mode, which the side path runs in
+        self.token_ids: Optional[torch.Tensor] = None  # what the input embedding read (trainable_token_indices)
         self._taps: dict[int, torch.Tensor] = {}
         self._block_args: tuple = ()
         self._block_kwargs: dict = {}
@@ -72,7 +74,7 @@ class ForwardState:
         """Down-project backbone hidden state `hidden[index]` if the side network reads it."""
         if self.side is not None and self.side.reads(index):
             with self.side_grad():
-                self._taps[index] = self.side.project(index, hidden)
+                self._taps[index] = self.side.project(index, hidden, self.token_ids)
 
     def record_block_inputs(self, args: tuple, kwargs: dict) -> None:
         """The reference layer's attention inputs (mask, rotary, cache), which the side blocks reuse."""
@@ -99,7 +101,9 @@ class BackboneGuard:
     makes the embedding output require grad, and every backbone activation would then be saved for backward.
     """
 
-    def __init__(self, decoder: nn.Module, fusion: LadderFusionLayer) -> None:
+    def __init__(
+        self, decoder: nn.Module, fusion: LadderFusionLayer, embedding: nn.Module, head: Optional[nn.Module]
+    ) -> None:
         self.fusion = fusion
         self.state = fusion.forward_state
         self.first_tap = next(m for m in decoder.modules() if isinstance(m, LadderTapLayer))
@@ -109,7 +113,12 @@ class BackboneGuard:
             decoder.register_forward_pre_hook(self._enter),
             fusion.register_forward_pre_hook(self._release),  # the frozen backbone ends here
             decoder.register_forward_hook(self._exit, always_call=True),  # restores grad mode even on error
+            # LadderConfig.trainable_token_indices (tokens.py): the ids the side stream's input rows need, and the
+            # head rows added to the logits. Both do nothing for adapters without token rows.
+            embedding.register_forward_pre_hook(record_token_ids(self.state), with_kwargs=True),
         ]
+        if head is not None:
+            self.handles.append(head.register_forward_hook(add_head_rows(fusion.active_side)))
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         side = self.fusion.active_side()
@@ -224,10 +233,11 @@ class LadderFusionLayer(LadderLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name, _execution_device(self.base_layer))
         self.set_adapter(self.active_adapters)
 
-    def install_guard(self, decoder: nn.Module) -> BackboneGuard:
-        """Put the no-grad boundary around `decoder` (the final norm's parent), once per model."""
+    def install_guard(self, decoder: nn.Module, embedding: nn.Module, head: Optional[nn.Module]) -> BackboneGuard:
+        """Put the no-grad boundary around `decoder` (the final norm's parent), once per model; hook the token rows
+        into the input `embedding` and the output embedding `head` (None for a model without one)."""
         if self.guard is None:
-            self.guard = BackboneGuard(decoder, self)
+            self.guard = BackboneGuard(decoder, self, embedding, head)
         return self.guard
 
     def remove_guard(self) -> None:

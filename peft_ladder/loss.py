@@ -30,20 +30,28 @@ _LOGIT_SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier",
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over valid tokens of CE(head(hidden)) / denominator, gradients computed chunk by chunk in forward."""
+    """sum over valid tokens of CE(head(hidden)) / denominator, gradients computed chunk by chunk in forward.
+
+    `rows` (n, d) with `row_ids` (n,): Ladder's head rows (tokens.py), logits[:, row_ids] += h @ rows^T.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, denominator, chunk_size, softcap, ignore_index):
+    def forward(ctx, hidden, weight, bias, rows, row_ids, labels, denominator, chunk_size, softcap, ignore_index):
         # hidden: (N, d), labels: (N,), weight: (V, d)
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
+        need_rows = rows is not None and rows.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        grad_rows = torch.zeros_like(rows, dtype=torch.float32) if need_rows else None
+        row_weight = rows.to(hidden.dtype) if rows is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             raw = F.linear(h, weight, bias)  # (n, V) in the head's dtype, as the model computes them
+            if rows is not None:
+                raw.index_add_(1, row_ids, F.linear(h, row_weight).to(raw.dtype))
             logits = raw.float()
             del raw
             if softcap is not None:
@@ -53,7 +61,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = torch.where(valid, y, 0).unsqueeze(1)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += (lse - logits.gather(1, target)).squeeze(1)[valid].sum()
-            if not (need_hidden or need_weight or need_bias):
+            if not (need_hidden or need_weight or need_bias or need_rows):
                 del logits
                 continue
             grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V) fp32
@@ -65,25 +73,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad = grad.div_(denominator).to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start : start + chunk_size] = grad @ weight
+                if rows is not None:
+                    grad_hidden[start : start + chunk_size] += grad[:, row_ids] @ row_weight
+            if need_rows:
+                grad_rows.add_(grad[:, row_ids].t().float() @ h.float())
             if need_weight:
                 grad_weight.add_(grad.t().float() @ h.float())
             if need_bias:
                 grad_bias.add_(grad.float().sum(0))
             del grad, logits  # free this chunk before the next one is built: the peak holds one chunk, not two
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_rows)
         ctx.weight_dtype = weight.dtype
+        ctx.rows_dtype = rows.dtype if rows is not None else None
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias, grad_rows = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        if grad_rows is not None:
+            grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype)
+        return grad_hidden, grad_weight, grad_bias, grad_rows, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -96,12 +111,14 @@ def chunked_cross_entropy(
     ignore_index: int = -100,
     shift_labels: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    head_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     **unused: Any,
 ) -> torch.Tensor:
     """transformers' `ForCausalLMLoss(head(hidden), labels, ...)` without building the (B, T, V) logits.
 
     hidden: (B, T, d) final hidden states (the head's input). Labels are shifted as transformers does unless
     `shift_labels` is given; `num_items_in_batch` switches to a sum divided by it (gradient accumulation, DDP).
+    `head_rows`: (ids (n,), rows (n, d)) added to the head for those ids, logits = h @ (W[ids] + rows)^T (tokens.py).
     """
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -113,8 +130,20 @@ def chunked_cross_entropy(
         denominator = num_items_in_batch.to(head.weight.device).float()
     else:
         denominator = torch.tensor(float(num_items_in_batch), device=head.weight.device)
+    row_ids, rows = head_rows if head_rows is not None else (None, None)
+    if rows is not None:
+        row_ids, rows = row_ids.to(head.weight.device), rows.to(head.weight.device)
     return _ChunkedLinearCrossEntropy.apply(
-        flat_hidden, head.weight, head.bias, flat_labels, denominator, int(chunk_size), softcap, ignore_index
+        flat_hidden,
+        head.weight,
+        head.bias,
+        rows,
+        row_ids,
+        flat_labels,
+        denominator,
+        int(chunk_size),
+        softcap,
+        ignore_index,
     )
 
 
@@ -153,8 +182,17 @@ def chunking_blocker(model: nn.Module, kwargs: dict) -> Optional[str]:
     return None
 
 
-def chunked_causal_lm_forward(model: nn.Module, chunk_size: int, *args: Any, **kwargs: Any) -> LadderChunkedLossOutput:
-    """Run `model(*args, **kwargs)` (a transformers causal LM, with `labels`) computing the loss in chunks."""
+def chunked_causal_lm_forward(
+    model: nn.Module,
+    chunk_size: int,
+    *args: Any,
+    head_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    **kwargs: Any,
+) -> LadderChunkedLossOutput:
+    """Run `model(*args, **kwargs)` (a transformers causal LM, with `labels`) computing the loss in chunks.
+
+    `head_rows`: the active adapter's (ids, rows) of `trainable_token_indices`, added to the head inside the chunks.
+    """
     labels = kwargs.pop("labels")
     head = model.get_output_embeddings()
     captured: list[torch.Tensor] = []
@@ -170,7 +208,9 @@ def chunked_causal_lm_forward(model: nn.Module, chunk_size: int, *args: Any, **k
         handle.remove()
     loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    loss = chunked_cross_entropy(captured[-1], head, labels, chunk_size=chunk_size, softcap=softcap, **loss_kwargs)
+    loss = chunked_cross_entropy(
+        captured[-1], head, labels, chunk_size=chunk_size, softcap=softcap, head_rows=head_rows, **loss_kwargs
+    )
     kept = {f.name for f in dataclasses.fields(LadderChunkedLossOutput)} - {"loss", "logits"}
     fields = {key: value for key, value in outputs.items() if key in kept}
     return LadderChunkedLossOutput(loss=loss, logits=None, loss_chunk_size=chunk_size, **fields)

@@ -24,10 +24,12 @@ each target; `_post_injection_hook` installs the guard (once per model; `unload(
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -43,6 +45,7 @@ from .options import check_modules_to_save
 from .quantization import describe, prepare_backbone
 from .side_init import check_supported, prepare_side_init
 from .side_network import LadderSideNetwork
+from .tokens import TokenTargets, folded_head_weight, resolve_token_targets
 
 _ADAPTER_KEY = r"((?:^|\.)" + LADDER_PREFIX + r"[^.]*)\.{adapter}(?=\.|$)"
 
@@ -57,6 +60,7 @@ class AdapterSetup:
     reference_index: int  # the layer whose attention inputs the side blocks reuse
     targets: dict[str, Optional[int]]  # module name -> decoder layer index; None for the final norm
     state: ForwardState  # shared by all Ladder layers of the model
+    tokens: Optional[TokenTargets]  # LadderConfig.trainable_token_indices on this model (tokens.py)
     side: Optional[LadderSideNetwork] = None  # built by the first `_create_and_replace`, inside PEFT's init context
 
     @classmethod
@@ -71,6 +75,7 @@ class AdapterSetup:
         shrunk = side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor)
         quantized = config.quantization is not None or describe(model) is not None
         check_supported(backbone, shrunk, config.side_init, quantized)
+        tokens = resolve_token_targets(model, config.trainable_token_indices)
         setup = cls(
             backbone,
             plan,
@@ -78,6 +83,7 @@ class AdapterSetup:
             reference_layer_index(backbone.config, backbone.num_layers),
             targets,
             next(existing, None) or ForwardState(),
+            tokens,
         )
         setup.check_saved_weights(model, config)
         return setup
@@ -102,6 +108,7 @@ class AdapterSetup:
             config.gate_temperature,
             config.init_weights,
             config.fusion_scale,
+            self.tokens,
         )
 
     def side_network(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:
@@ -139,7 +146,12 @@ class LadderModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: LadderConfig, model_config: dict) -> LadderConfig:
         # Validate against this model before it is quantized or any module replaced: a bad config leaves it untouched.
         self.adapter_setup = AdapterSetup.resolve(self.model, peft_config)
-        return peft_config
+        # The token rows live in the side network. PEFT would also act on the field (a TrainableTokensWrapper around
+        # the embedding, which runs inside the no-grad backbone and never learns), so it gets a config without it;
+        # the adapter's stored config, which is saved, keeps the field.
+        prepared = copy.copy(peft_config)
+        prepared.trainable_token_indices = None
+        return prepared
 
     def _prepare_model(self, peft_config: LadderConfig, model: nn.Module) -> None:
         prepare_backbone(model, peft_config)  # quantize as configured, or record the backbone's quantization
@@ -191,7 +203,9 @@ class LadderModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> None:
         # Adapters added later (add_adapter, load_adapter) reuse the guard installed here; unload() removes it.
         name, fusion = next((n, m) for n, m in model.named_modules() if isinstance(m, LadderFusionLayer))
-        self.guard = fusion.install_guard(model.get_submodule(name.rpartition(".")[0]))  # the norm's parent: decoder
+        decoder = model.get_submodule(name.rpartition(".")[0])  # the final norm's parent
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.guard = fusion.install_guard(decoder, model.get_input_embeddings(), head)
         # PEFT's model card lists the base model's tags: mark the adapter as a Ladder one on the Hub.
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
@@ -202,13 +216,26 @@ class LadderModel(BaseTuner):
         # Training with labels: the loss over token chunks without the full logits (LadderConfig.loss_chunk_size,
         # loss.py), the same loss and gradients. Anything else, or a model whose loss the chunks would not reproduce,
         # runs the model's own forward unchanged.
-        chunk_size = self._loss_chunk_size()
+        side = self.guard.fusion.active_side() if self.guard is not None else None
+        tokens = side.tokens if side is not None else None
+        if tokens is not None and kwargs.get("fused_lm_head"):
+            return self._forward_with_folded_head(tokens, *args, **kwargs)
+        chunk_size = self._loss_chunk_size(side)
         if chunk_size is None or chunking_blocker(self.model, kwargs) is not None:
             return self.model.forward(*args, **kwargs)
-        return chunked_causal_lm_forward(self.model, chunk_size, *args, **kwargs)
+        head_rows = tokens.head() if tokens is not None else None
+        return chunked_causal_lm_forward(self.model, chunk_size, *args, head_rows=head_rows, **kwargs)
 
-    def _loss_chunk_size(self) -> Optional[int]:
-        if self.guard is None or self.guard.fusion.active_side() is None:
+    def _forward_with_folded_head(self, tokens, *args, **kwargs):
+        # TRL's fused LM head multiplies by `lm_head.weight` without calling the module, past the head-rows hook: it
+        # gets the weight with the rows added for this one call (tokens.folded_head_weight).
+        with folded_head_weight(self.model, tokens) as weights:
+            if weights is None:
+                return self.model.forward(*args, **kwargs)
+            return torch.func.functional_call(self.model, weights, args, kwargs, tie_weights=False, strict=False)
+
+    def _loss_chunk_size(self, side: Optional[LadderSideNetwork]) -> Optional[int]:
+        if side is None:
             return None  # adapter disabled: the plain base model, logits included
         return getattr(self.peft_config.get(self.active_adapters[0]), "loss_chunk_size", None)
 

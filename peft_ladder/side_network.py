@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .connections import ConnectionPlan
+from .tokens import LadderTokenRows, TokenTargets
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 RMS_EPS = 1e-6  # of the side norm and of rms(h_L), the unit the side output is added in
@@ -56,6 +57,7 @@ class LadderSideNetwork(nn.Module):
         gate_temperature: float = 0.1,
         init_weights: bool = True,
         fusion_scale: str = "rms_gain",
+        tokens: Optional[TokenTargets] = None,
     ) -> None:
         super().__init__()
         side_width = int(side_config.hidden_size)
@@ -80,6 +82,8 @@ class LadderSideNetwork(nn.Module):
         else:
             # A clearly non-identity adapter (for tests): the side output is about sqrt(d_s) times rms(h_L).
             nn.init.normal_(self.up.weight, std=1.0)
+        # LadderConfig.trainable_token_indices (tokens.py). Built last: adapters without it draw the same random init.
+        self.tokens = LadderTokenRows(tokens, hidden_size, init_weights) if tokens is not None else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,9 +92,15 @@ class LadderSideNetwork(nn.Module):
     def reads(self, index: int) -> bool:
         return str(index) in self.down
 
-    def project(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone."""
-        return self.down[str(index)](hidden.detach().to(self.up.weight.device, self.dtype))
+    def project(self, index: int, hidden: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone.
+
+        The state that seeds the side stream (s_0) first gets the token rows of `token_ids` (B, T), if any.
+        """
+        hidden = hidden.detach().to(self.up.weight.device, self.dtype)
+        if index == self.plan.source and self.tokens is not None:
+            hidden = self.tokens.add_to_stream(hidden, token_ids)
+        return self.down[str(index)](hidden)
 
     def output_scale(self, stream: torch.Tensor) -> torch.Tensor:
         """Per-token RMS of h_L (B, T, 1), detached: the unit the side output is added in (module docstring)."""
