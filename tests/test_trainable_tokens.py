@@ -178,6 +178,22 @@ def test_chunked_loss_and_trls_fused_lm_head_agree_with_the_model_logits():
             torch.testing.assert_close(results[path][1][name], grad, rtol=1e-4, atol=1e-6, msg=f"{path}: {name}")
 
 
+def test_while_the_head_rows_are_folded_into_the_weight_the_head_hook_adds_nothing():
+    # TRL's fused head reads the folded weight and never calls the head module; if a caller did both, the rows must
+    # count once.
+    from peft_ladder.tokens import folded_head_weight
+
+    model = ladder("llama", init_weights=False, seed=3, trainable_token_indices=IDS)
+    expected = logits(model, with_ids())
+    with torch.no_grad(), folded_head_weight(model.get_base_model(), rows(model)) as weights:
+        assert list(weights) == ["lm_head.weight"]
+        folded = torch.func.functional_call(
+            model, {f"base_model.model.{k}": v for k, v in weights.items()}, (), with_ids()
+        )
+    torch.testing.assert_close(folded.logits, expected)
+    assert rows(model).folded is False
+
+
 def test_greedy_generation_emits_a_token_its_head_row_favours_with_and_without_cache():
     model = ladder("llama", trainable_token_indices=[ABSENT])
     prompt = with_ids()["input_ids"][:1, :6]
