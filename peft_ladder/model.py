@@ -24,7 +24,6 @@ each target; `_post_injection_hook` installs the guard (once per model; `unload(
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -147,11 +146,10 @@ class LadderModel(BaseTuner):
         # Validate against this model before it is quantized or any module replaced: a bad config leaves it untouched.
         self.adapter_setup = AdapterSetup.resolve(self.model, peft_config)
         # The token rows live in the side network. PEFT would also act on the field (a TrainableTokensWrapper around
-        # the embedding, which runs inside the no-grad backbone and never learns), so it gets a config without it;
-        # the adapter's stored config, which is saved, keeps the field.
-        prepared = copy.copy(peft_config)
-        prepared.trainable_token_indices = None
-        return prepared
+        # the embedding, which runs inside the no-grad backbone and never learns): it sees None until
+        # `inject_adapter` puts the value back, so the saved config keeps it.
+        peft_config.trainable_token_indices = None
+        return peft_config
 
     def _prepare_model(self, peft_config: LadderConfig, model: nn.Module) -> None:
         prepare_backbone(model, peft_config)  # quantize as configured, or record the backbone's quantization
@@ -168,9 +166,12 @@ class LadderModel(BaseTuner):
         state_dict: Optional[dict] = None,
     ) -> None:
         # A state_dict only tells PEFT which modules hold weights; Ladder must also wrap the weightless taps.
+        config = self.peft_config[adapter_name]
+        token_indices = config.trainable_token_indices  # hidden from PEFT by `_prepare_adapter_config`
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
         finally:
+            config.trainable_token_indices = token_indices
             self.adapter_setup = None  # the side network now lives in the fusion layer only
 
     def _create_and_replace(

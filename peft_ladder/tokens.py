@@ -19,9 +19,10 @@ runs inside the frozen, no-grad backbone, so a row there would never learn. The 
   (`loss.py`) and, for TRL's fused LM head (which reads `lm_head.weight` directly), by handing it W with the rows
   added (`folded_head_weight`).
 
-Both start at zero, so a fresh adapter with token rows is still an exact identity. They are parameters of the
-adapter's side network (`ladder_side.<adapter>.tokens.*`): saved, loaded, switched and disabled with it; the ids come
-from the config and are not saved.
+Both start at zero, so a fresh adapter with token rows is still an exact identity. With tied embeddings the two are
+still separate parameters (PEFT ties its rows): they act in different places, before a down-projection and in the
+head. They are parameters of the adapter's side network (`ladder_side.<adapter>.tokens.*`): saved, loaded, switched
+and disabled with it; the ids come from the config and are not saved.
 """
 
 from __future__ import annotations

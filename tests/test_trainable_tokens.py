@@ -89,6 +89,7 @@ def test_a_fresh_adapter_with_token_rows_is_an_exact_identity_and_peft_does_not_
     embedding_type = type(base.get_input_embeddings())
     model = ladder(arch, trainable_token_indices=IDS)
     assert torch.equal(logits(model, with_ids()), logits(base, with_ids()))
+    assert model.peft_config["default"].trainable_token_indices == IDS  # kept for saving
     # PEFT's own trainable tokens would wrap the embedding inside the no-grad backbone, where it never learns.
     assert type(model.get_input_embeddings()) is embedding_type
     assert type(model.get_output_embeddings()) is torch.nn.Linear
@@ -327,8 +328,7 @@ def sft_trainer(tmp_path, config: LadderConfig, data: dict, **overrides):
         max_length=48,
         seed=0,
         disable_tqdm=True,
-        bf16=False,
-        gradient_checkpointing=False,
+        bf16=False,  # TRL's default gradient checkpointing stays on
     )
     args.update(overrides)
     with warnings.catch_warnings():
