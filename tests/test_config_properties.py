@@ -62,6 +62,10 @@ FIELDS = {
     "inference_mode": st.one_of(st.booleans(), _junk(True, False)),
     "ladder_format_version": st.sampled_from([1, 2, 3, 0, -1, True, "2", 2.0]),
     "peft_ladder_version": st.sampled_from(["0.1.0", 1, ["0.1"]]),
+    "trainable_token_indices": st.sampled_from(
+        [None, [3, 4], (3,), {"embed_tokens": [3]}, {"lm_head": [5, 6]}, [], {}, [-1], [1.5], [True], "embed_tokens"]
+        + [{"embed_tokens": 3}, {0: [3]}, {"": [3]}, {"lm_head": []}, 5]
+    ),
     "reduction_factr": st.just(8),  # a misspelt field: an unknown keyword
 }
 # Each field is left out (its default) half the time, so errors in one field are not always masked by another.
@@ -142,6 +146,14 @@ def problems(kw: dict) -> set[str]:
         bad.add("ladder_format_version")
     if "peft_ladder_version" in kw and not isinstance(kw["peft_ladder_version"], str):
         bad.add("peft_ladder_version")
+    tokens = get("trainable_token_indices")
+    groups = tokens.items() if isinstance(tokens, dict) else [("embed_tokens", tokens)]
+    if tokens is not None and (
+        tokens in ({}, [], ())
+        or not all(isinstance(key, str) and key for key, _ in groups)
+        or not all(isinstance(ids, (list, tuple)) and ids and all(_int(i) and i >= 0 for i in ids) for _, ids in groups)
+    ):
+        bad.add("trainable_token_indices")
     return bad
 
 
@@ -186,6 +198,10 @@ VALID = {
     "bnb_4bit_use_double_quant": st.booleans(),
     "loss_chunk_size": st.one_of(st.none(), _ints(1, 16)),
     "modules_to_save": st.sampled_from([None, ["lm_head"]]),
+    # the tiny Llamas have 64 token ids; "wte" is GPT-2's name, not one of theirs
+    "trainable_token_indices": st.sampled_from(
+        [None, [3, 4], {"embed_tokens": [3]}, {"lm_head": [5, 63]}, [64], {"wte": [3]}]
+    ),
 }
 models = st.tuples(st.integers(2, 4), st.sampled_from([32, 64]))
 
@@ -217,6 +233,10 @@ def model_problems(kw: dict, layers: int, hidden: int) -> set[str]:
         depth = kw.get("xladder_depth") or max(1, (side_layers or layers) // 2)
         if depth > layers:
             bad |= {"xladder_depth", "side_layers"}
+    tokens = kw.get("trainable_token_indices")
+    groups = tokens.items() if isinstance(tokens, dict) else [("embed_tokens", tokens or [])]
+    if any(key not in ("embed_tokens", "lm_head") or max(ids) >= 64 for key, ids in groups if ids):
+        bad.add("trainable_token_indices")
     return bad
 
 
