@@ -24,7 +24,11 @@ GATES = ("sum", "learned")
 # The saved format (adapter_config.json), raised whenever a default changes what a saved adapter computes:
 # 1: 0.1.0.dev0, no `ladder_format_version` in the JSON, fusion_scale "rms".
 # 2: `fusion_scale` and `ladder_format_version` recorded; new default fusion_scale "rms_gain".
-LADDER_FORMAT_VERSION = 2
+# 3: format 2 with `trainable_token_indices` rows. Written only by adapters that have them, so that a format-2 reader
+#    refuses such an adapter instead of loading it without its rows; every other adapter is still saved as format 2.
+LADDER_FORMAT_VERSION = 3  # the newest format this version reads
+BASE_FORMAT = 2  # what an adapter without token rows is saved as
+TOKEN_ROWS_FORMAT = 3
 LEGACY_FORMAT = {"ladder_format_version": 1, "fusion_scale": "rms"}  # what a JSON without the version meant
 
 
@@ -241,11 +245,18 @@ class LadderConfig(PeftConfig):
                 for name, value in LEGACY_FORMAT.items():
                     setattr(self, name, value)
             else:
-                self.ladder_format_version = LADDER_FORMAT_VERSION
+                self.ladder_format_version = BASE_FORMAT
         super().__post_init__()
         self.peft_type = LadderPeftType.LADDER
         self._validate_format()
         self._validate()
+
+    def to_dict(self) -> dict:
+        # TRL sets trainable_token_indices after the config is built: the saved format follows what is saved.
+        saved = super().to_dict()
+        if saved.get("trainable_token_indices") and saved["ladder_format_version"] < TOKEN_ROWS_FORMAT:
+            saved["ladder_format_version"] = TOKEN_ROWS_FORMAT
+        return saved
 
     def _validate_format(self) -> None:
         from . import __version__
@@ -268,7 +279,7 @@ class LadderConfig(PeftConfig):
                 f"{__version__} reads formats 1 "
                 f"to {LADDER_FORMAT_VERSION}. Upgrade to read it: pip install -U peft-ladder."
             )
-        if self.peft_ladder_version is None and version == LADDER_FORMAT_VERSION:
+        if self.peft_ladder_version is None and version >= BASE_FORMAT:
             self.peft_ladder_version = __version__
         if self.fusion_scale not in FUSION_SCALES:
             raise ValueError(

@@ -18,6 +18,7 @@ from peft_ladder.config import LADDER_FORMAT_VERSION
 from peft_ladder.layer import LadderLayer
 from peft_ladder.load_checks import AdapterFileError
 
+NEWER = LADDER_FORMAT_VERSION + 1
 RESAVE = r"Re-save the adapter \(model\.save_pretrained\) or download it again"
 
 
@@ -94,7 +95,9 @@ def test_a_misspelt_field_in_code_gets_a_suggestion():
 def test_a_newer_format_is_refused_through_peft_model_from_pretrained(adapter):
     edit_config(adapter, ladder_format_version=LADDER_FORMAT_VERSION + 1, peft_ladder_version="9.9.0")
     load_fails(
-        adapter, ValueError, r"ladder_format_version=3: .* format 3 by peft-ladder 9\.9\.0; .* 'peft-ladder>=9\.9\.0'"
+        adapter,
+        ValueError,
+        rf"ladder_format_version={NEWER}: .* format {NEWER} by peft-ladder 9\.9\.0; .* 'peft-ladder>=9\.9\.0'",
     )
 
 

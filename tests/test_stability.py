@@ -20,7 +20,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_ladder import LadderConfig
-from peft_ladder.config import LADDER_FORMAT_VERSION
+from peft_ladder.config import BASE_FORMAT, LADDER_FORMAT_VERSION
 
 FIXTURE = "tests/fixtures/adapter-0.1.0.dev0-llama"  # saved by 0.1.0.dev0 (format 1, fusion x rms(h_L))
 RECOMMENDED_LR = 1e-3  # docs/defaults.md; AdamW without weight decay, as examples/demo.py trains
@@ -233,7 +233,7 @@ def test_new_adapter_saves_and_reloads_its_fusion_and_format(tmp_path):
     model = get_peft_model(tiny_causal_lm("gemma3"), LadderConfig(task_type="CAUSAL_LM", init_weights=False))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (saved["fusion_scale"], saved["ladder_format_version"]) == ("rms_gain", LADDER_FORMAT_VERSION)
+    assert (saved["fusion_scale"], saved["ladder_format_version"]) == ("rms_gain", BASE_FORMAT)
     reloaded = PeftModel.from_pretrained(tiny_causal_lm("gemma3"), tmp_path).eval()
     assert reloaded.peft_config["default"].fusion_scale == "rms_gain"
     assert torch.equal(logits(reloaded), logits(model.eval()))
@@ -256,7 +256,8 @@ def test_a_newer_format_names_the_version_that_wrote_it(tmp_path):
     config = json.loads(open(f"{FIXTURE}/adapter_config.json").read())
     config.update(ladder_format_version=LADDER_FORMAT_VERSION + 1, peft_ladder_version="9.9.0")
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"format 3 by peft-ladder 9\.9\.0; .* pip install -U 'peft-ladder>=9\.9\.0'"):
+    newer = LADDER_FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match=rf"format {newer} by peft-ladder 9\.9\.0; .* 'peft-ladder>=9\.9\.0'"):
         LadderConfig.from_pretrained(tmp_path)
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tiny_training import char_tokenizer, counting_texts
 
 from peft_ladder import LadderConfig
+from peft_ladder.config import BASE_FORMAT, TOKEN_ROWS_FORMAT
 from peft_ladder.layer import LadderLayer
 
 IDS = [5, 6, 90]  # ids that `with_ids` puts into the batch
@@ -78,6 +79,17 @@ def test_the_field_is_saved_and_read_back(tmp_path, value):
     LadderConfig(task_type="CAUSAL_LM", trainable_token_indices=value).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"] == value
     assert LadderConfig.from_pretrained(tmp_path).trainable_token_indices == value
+
+
+@pytest.mark.parametrize("set_later", [False, True])  # TRL's SFTTrainer sets the field on a config already built
+def test_an_adapter_with_token_rows_is_saved_as_a_format_an_older_reader_refuses(tmp_path, set_later):
+    config = LadderConfig(task_type="CAUSAL_LM", **({} if set_later else {"trainable_token_indices": [5]}))
+    if set_later:
+        config.trainable_token_indices = [5]
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["ladder_format_version"] == TOKEN_ROWS_FORMAT
+    assert TOKEN_ROWS_FORMAT > BASE_FORMAT  # a format-2 reader (peft-ladder before token rows) raises on it
+    assert LadderConfig.from_pretrained(tmp_path).trainable_token_indices == [5]
 
 
 # --- what the rows do ----------------------------------------------------------------------------------------------
