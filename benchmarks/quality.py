@@ -189,6 +189,15 @@ class StepTimer:
         return time.process_time()
 
 
+PROBE_STEPS = 5  # the first steps' effect on one fixed batch: the issue's "no first step raises the loss > 10%"
+
+
+@torch.no_grad()
+def _probe_loss(model, batch: dict) -> float:
+    """Training loss on `batch` (the first training batch) without a step: the same batch before and after steps."""
+    return float(model(**batch).loss)
+
+
 def run(spec: dict) -> dict:
     """Train one (task, method, seed) and record its curve; the body of a worker process."""
     from peft_ladder.memory import measure_training_step
@@ -216,14 +225,18 @@ def run(spec: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, opts["warmup"], opts["schedule"])
     )
-    cpu, total, times = 0.0, 0, []
+    cpu, total, times, losses, probe = 0.0, 0, [], [], [_probe_loss(model, train[0])]
     for step, batch in enumerate(batches, start=1):
         start = timer.now()
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         times.append(timer.now() - start)
+        losses.append(loss.item())  # after the timer: the read synchronizes
+        if step <= PROBE_STEPS:
+            probe.append(_probe_loss(model, train[0]))
         cpu, total = cpu + times[-1], total + flops[step - 1]
         if step in marks:
             curve.append({"step": step, "flops": total, clock: cpu, **setup.evaluate(model, data["eval"], task)})
@@ -245,6 +258,8 @@ def run(spec: dict) -> dict:
         "flops_per_shape": {"x".join(map(str, k)): v for k, v in cache.items()},
         "flops_per_step": total / steps,
         "curve": curve,
+        "train_losses": losses,
+        "probe_losses": probe,
         "data": {k: v for k, v in data.items() if k not in ("train", "eval", "pad_id")},
     }
 

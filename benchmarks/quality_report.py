@@ -158,6 +158,21 @@ def targets(summary: dict, task: str) -> list[str]:
     return lines
 
 
+def first_steps(results: dict, task: str) -> list[str]:
+    """The issue's stability check: no method's first steps raise the training loss by more than 10%.
+
+    Measured on one fixed batch (the first training batch) before training and after each of the first steps
+    (`probe_losses`); the rise is the largest of those losses over the one before training, worst seed shown.
+    """
+    lines = ["| method | worst rise of the loss on a fixed batch over the first steps | within 10% |"]
+    lines.append("| --- | --- | --- |")
+    for method, runs in _groups(results, task).items():
+        rises = [max(r["probe_losses"][1:]) / r["probe_losses"][0] - 1 for r in runs if r.get("probe_losses")]
+        if rises:
+            lines.append(f"| {method} | {100 * max(rises):+.1f}% | {'yes' if max(rises) <= 0.10 else '**no**'} |")
+    return lines if len(lines) > 2 else []
+
+
 def last_k_sweep(summary: dict) -> list[str]:
     """LoRA restricted to its last k layers, against Ladder at equal FLOPs; k matched to Ladder's peak memory."""
     rows = summary["methods"]
@@ -240,6 +255,9 @@ def markdown(results: dict) -> str:
                 f"held-out accuracy; {data['train_examples']} training examples in the pool."
             )
         lines += [""] + method_table(summary, task) + ["", "### Targets", ""] + targets(summary, task)
+        stability = first_steps(results, task)
+        if stability:
+            lines += ["", "### First steps", ""] + stability
         if task == "gsm8k":
             lines += ["", "### LoRA on its last k layers", ""] + last_k_sweep(summary)
         lines += ["", "### Frontier", ""] + frontier(summary)
