@@ -289,14 +289,14 @@ def test_a_replaced_fusion_forward_is_refused_instead_of_training_nothing():
 trl = pytest.importorskip("trl")
 
 
-def sft_train(tmp_path, data: Dataset, **args) -> tuple[int, int]:
+def sft_train(tmp_path, data: Dataset, tokenizer=None, **args) -> tuple[int, int]:
     from test_trl import sft_config
 
     trainer = trl.SFTTrainer(
         model=tiny_causal_lm(),
         args=sft_config(tmp_path, max_steps=2, bf16=False, **args),
         train_dataset=data,
-        processing_class=char_tokenizer(),
+        processing_class=tokenizer or char_tokenizer(),
         peft_config=LadderConfig(task_type="CAUSAL_LM", reduction_factor=4),
     )
     before = side_parameters(trainer.model)
@@ -319,4 +319,22 @@ def test_sft_completion_only_loss_trains_every_side_parameter(tmp_path):
     texts = counting_texts(16)
     data = Dataset.from_dict({"prompt": [t[:8] for t in texts], "completion": [t[8:] for t in texts]})
     changed, total = sft_train(tmp_path, data, completion_only_loss=True)
+    assert total > 0 and changed == total
+
+
+# A chat template that marks the assistant's turns, as assistant_only_loss needs (`{% generation %}`).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
+
+
+def test_sft_assistant_only_loss_trains_every_side_parameter(tmp_path):
+    texts = counting_texts(16)
+    turns = [[{"role": "user", "content": t[:8]}, {"role": "assistant", "content": t[8:]}] for t in texts]
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    mask = tokenizer.apply_chat_template(turns[0], return_dict=True, return_assistant_tokens_mask=True)
+    assert 0 < sum(mask["assistant_masks"]) < len(mask["input_ids"])  # the labels are masked, not all kept
+    changed, total = sft_train(tmp_path, Dataset.from_dict({"messages": turns}), tokenizer, assistant_only_loss=True)
     assert total > 0 and changed == total
