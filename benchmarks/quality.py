@@ -198,6 +198,22 @@ def _probe_loss(model, batch: dict) -> float:
     return float(model(**batch).loss)
 
 
+FISHER_BATCHES = 8  # side_init="fisher": the first training batches, as LST estimates the importance
+
+
+def fisher_init(model, method: dict, train: list[dict]) -> int:
+    """Run `initialize_side_fisher` for a `side_init="fisher"` variant; its FLOPs (backward passes through the whole
+    backbone) count against the method's budget, so every method is still compared at equal FLOPs."""
+    if method.get("ladder", {}).get("side_init") != "fisher":
+        return 0
+    from peft_ladder import initialize_side_fisher
+    from peft_ladder.flops import count_flops
+
+    flops = count_flops(lambda: initialize_side_fisher(model, train[:FISHER_BATCHES]))
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
 def run(spec: dict) -> dict:
     """Train one (task, method, seed) and record its curve; the body of a worker process."""
     from peft_ladder.memory import measure_training_step
@@ -213,19 +229,23 @@ def run(spec: dict) -> dict:
     opts = {**spec["training"], **method.get("training", {})}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    init_flops = fisher_init(model, method, train)
+    kind, value = spec["budget"]
     cache: dict = {}
-    steps = plan_steps(model, train, tuple(spec["budget"]), cache)
+    steps = plan_steps(model, train, (kind, value - init_flops) if kind == "flops" else (kind, value), cache)
+    if steps < 1:
+        raise ValueError(f"the budget ({value:.4g} FLOPs) is spent by the Fisher init ({init_flops:.4g}): raise it")
     batches = [train[i % len(train)] for i in range(steps)]
     flops = shape_flops(model, batches, cache)
     evals = spec["size"]["evals"]
     marks = sorted({min(steps, max(1, round(steps * k / evals))) for k in range(1, evals + 1)})
     timer = StepTimer(device)
     clock = timer.key.removesuffix("_per_step")  # cpu_s, or cuda_s on a GPU
-    curve = [{"step": 0, "flops": 0, clock: 0.0, **setup.evaluate(model, data["eval"], task)}]
+    curve = [{"step": 0, "flops": init_flops, clock: 0.0, **setup.evaluate(model, data["eval"], task)}]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, opts["warmup"], opts["schedule"])
     )
-    cpu, total, times, losses, probe = 0.0, 0, [], [], [_probe_loss(model, train[0])]
+    cpu, total, times, losses, probe = 0.0, init_flops, [], [], [_probe_loss(model, train[0])]
     for step, batch in enumerate(batches, start=1):
         start = timer.now()
         loss = model(**batch).loss
@@ -256,7 +276,8 @@ def run(spec: dict) -> dict:
         "memory_shape": list(train[0]["input_ids"].shape),
         timer.key: statistics.median(times),
         "flops_per_shape": {"x".join(map(str, k)): v for k, v in cache.items()},
-        "flops_per_step": total / steps,
+        "flops_per_step": (total - init_flops) / steps,
+        "init_flops": init_flops,
         "curve": curve,
         "train_losses": losses,
         "probe_losses": probe,
