@@ -438,6 +438,12 @@ class LongestContext:
         """The largest term of the peak at that length (one of `TERMS`)."""
         return max(TERMS, key=lambda term: getattr(self.estimate, term))
 
+    @property
+    def limiting(self) -> str:
+        """The larger of the two terms that grow with the length ("activations" or "logits"): what to shrink to go
+        longer on the same card."""
+        return max(("activations", "logits"), key=lambda term: getattr(self.estimate, term))
+
 
 def longest_context(config, gb: float, method: str = "ladder-4bit", max_seq_len: int = 2**20, **kwargs: Any):
     """The longest sequence length (batch 1) at which `method` fits a `gb` GB card (see `fits_card`), found by
@@ -477,14 +483,18 @@ def longest_context(config, gb: float, method: str = "ladder-4bit", max_seq_len:
 
 def longest_context_markdown(config, gb: float, methods=DEFAULT_METHODS, **kwargs) -> str:
     lines = [
-        f"| method | longest context on {gb:g} GB (batch 1) | total GiB there | largest term (GiB) |",
-        "| --- | ---: | ---: | --- |",
+        f"| method | longest context on {gb:g} GB (batch 1) | total GiB there | largest term (GiB) | "
+        "growing term (GiB) |",
+        "| --- | ---: | ---: | --- | --- |",
     ]
     for method in methods:
         answer = longest_context(config, gb, method, **kwargs)
         g = answer.estimate.gib()
         length = f"{answer.seq_len:,}" if answer.seq_len else "none (weights + optimizer do not fit)"
-        lines.append(f"| {method} | {length} | {g['total']} | {answer.dominant} ({g[answer.dominant]}) |")
+        lines.append(
+            f"| {method} | {length} | {g['total']} | {answer.dominant} ({g[answer.dominant]}) | "
+            f"{answer.limiting} ({g[answer.limiting]}) |"
+        )
     return "\n".join(lines)
 
 
@@ -555,7 +565,9 @@ def main(argv=None) -> int:
     if args.gpu_gb is not None:
         if args.json:
             answers = [longest_context(config, args.gpu_gb, method, **kwargs) for method in methods]
-            rows = [{**asdict(a), "dominant": a.dominant, "gib": a.estimate.gib()} for a in answers]
+            rows = [
+                {**asdict(a), "dominant": a.dominant, "limiting": a.limiting, "gib": a.estimate.gib()} for a in answers
+            ]
             print(json.dumps(rows, indent=1))
         else:
             print(longest_context_markdown(config, args.gpu_gb, methods, **kwargs))
