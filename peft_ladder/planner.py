@@ -30,7 +30,11 @@ from .methods import DEFAULT_METHODS, LORA_R, METHODS, Method, get_method
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZERS = ("adamw", "adamw8bit")
+# Optimizer names as `TrainingArguments(optim=...)` spells them, and this planner's older `adamw8bit`.
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw8bit", "adamw_8bit", "paged_adamw_8bit")
+AUTOCASTS = ("none", "bf16")  # "bf16": Trainer/TRL `bf16=True` (torch.autocast around the forward)
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 state for tensors with fewer values (its `min_8bit_size`)
+BNB_BLOCK = 256  # values per fp32 absmax in bitsandbytes' blockwise 8-bit optimizer state
 CARDS_GB = (8, 12, 24, 48, 80)
 # The LadderConfig fields the side network's size depends on, and LadderConfig's defaults for them.
 SIDE_FIELDS = {
@@ -184,11 +188,14 @@ def _side_params(shape: Shape, side: Side, method: Method) -> tuple[int, int]:
     return trainable, down if method.freeze_down else 0
 
 
-def _lora_layer_saved(shape: Shape, b: int) -> int:
+def _lora_layer_saved(shape: Shape, b: int, autocast: bool = False) -> int:
     """Bytes per token one LoRA'd decoder layer saves (backbone in `b`-byte floats, adapters in fp32)."""
     d, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
-    fp32_inputs = 4 * (3 * d + q + 2 * d + i)  # PEFT casts each adapted layer's input to the adapter dtype
-    lora_mid = 4 * 7 * LORA_R
+    # PEFT casts each adapted layer's input to the adapter dtype (fp32); under autocast lora_A casts that copy back
+    # to bf16 and keeps the bf16 copy instead.
+    a = 2 if autocast else 4
+    fp32_inputs = a * (3 * d + q + 2 * d + i)
+    lora_mid = a * 7 * LORA_R
     norms = 2 * 4 * d + 8  # RMSNorm keeps its fp32 input (and rsqrt)
     mlp = 3 * b * i  # gate, up, act(gate)
     attention = b * (2 * q + 2 * kv) + 4 * shape.heads  # q, k, v, output, logsumexp
@@ -212,7 +219,21 @@ def _side_block_saved(side: Shape, s: int) -> int:
     return s * (7 * ds + 4 * i + 2 * side.q + 2 * side.kv + o_input) + 4 * side.heads + 12
 
 
-def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, side: Optional[Side]) -> tuple[int, int]:
+def _side_block_saved_autocast(side: Shape) -> int:
+    """Bytes per token one fp32 side block saves under bf16 autocast: every linear saves its own bf16 copy of its
+    input (q, k and v three copies of one normed input), the norms keep their fp32 input and a bf16 normed copy."""
+    ds, i = side.hidden, side.intermediate
+    o_input = side.q if side.heads > 1 else 0
+    linear_inputs = 2 * (5 * ds + i)  # q, k, v, gate, up copies of the normed input; down's input
+    mlp = 2 * 3 * i  # gate, up, act(gate)
+    attention = 2 * (2 * side.q + 2 * side.kv + o_input) + 4 * side.heads  # q, k, v, output, logsumexp
+    norms = 2 * (4 * ds + 2 * ds + 4)  # fp32 input, bf16 normed copy (for the weight's gradient), rsqrt
+    return linear_inputs + mlp + attention + norms
+
+
+def _saved_activations(
+    shape: Shape, spec: Method, tokens: int, b: int, side: Optional[Side], autocast: bool = False
+) -> tuple[int, int]:
     """(M3: bytes saved for backward at the end of the forward pass, the logits' log-softmax excluded;
     the extra bytes a checkpointed layer rebuilds during backward)."""
     d, L = shape.hidden, shape.layers
@@ -220,9 +241,20 @@ def _saved_activations(shape: Shape, spec: Method, tokens: int, b: int, side: Op
     if spec.kind == "full":
         per_token = L * _full_layer_saved(shape, b)
     elif spec.kind == "lora":
-        layer = _lora_layer_saved(shape, b)
+        layer = _lora_layer_saved(shape, b, autocast)
         per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
         recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
+    elif autocast and not spec.side_in_backbone_dtype:
+        # fp32 side network under bf16 autocast: each tap's fp32 copy is cast back to a bf16 copy, which is kept
+        tap_bytes = 0 if spec.freeze_down else 2 * d
+        mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0
+        ds = side.shape.hidden
+        per_token = (
+            side.taps * tap_bytes
+            + side.shape.layers * _side_block_saved_autocast(side.shape)
+            + mixes * 2 * 2 * ds
+            + 8 * ds  # the side's final norm (fp32 input, bf16 normed copy) and the up-projection's bf16 input
+        )
     else:
         s = b if spec.side_in_backbone_dtype else 4
         tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
@@ -246,18 +278,19 @@ def estimate(
     reduction_factor: Optional[int] = None,
     loss_chunk_size: Union[int, None, Literal["method"]] = "method",
     ladder_config: Any = None,
+    autocast: Optional[str] = None,
 ) -> Estimate:
     """Predict peak training memory of `method` (a name in `peft_ladder.methods.METHODS`) for `config` (a
     transformers config, a config dict or a config.json path).
 
     `loss_chunk_size="method"` uses the method's. For Ladder methods, `ladder_config` (a `LadderConfig` or any
     object with its fields) sets the side network (see `side_network`); `reduction_factor`, when given, overrides
-    its reduction factor."""
+    its reduction factor. `optimizer` takes `TrainingArguments.optim` names: `"adamw"` / `"adamw_torch"`,
+    `"adamw_8bit"` / `"paged_adamw_8bit"` (bitsandbytes' blockwise 8-bit state; paged state is counted as
+    resident). `autocast="bf16"` is Trainer/TRL's `bf16=True` on a bf16 backbone: fp32 adapters and side network
+    (fp32 weights, gradients and AdamW state) computed in bf16 under `torch.autocast`."""
     spec = get_method(method)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
-    if dtype not in BYTES:
-        raise ValueError(f"dtype={dtype!r} is unknown; choose one of {sorted(BYTES)}.")
+    autocast = _check_options(optimizer, dtype, autocast)
     shape, b = Shape.from_config(config), BYTES[dtype]
     side = _side(config, spec, ladder_config, reduction_factor)
     chunk = spec.loss_chunk_size if loss_chunk_size == "method" else loss_chunk_size
@@ -277,10 +310,14 @@ def estimate(
         weights += frozen_down * param_bytes
     if spec.kind != "full":
         weights += trainable * param_bytes
-    state = 2 * trainable * (param_bytes if optimizer == "adamw" else 1 + 8 / 256)
+    state = _optimizer_state(optimizer, trainable, _vector_params(shape, spec, side), param_bytes)
     grads = trainable * param_bytes
 
-    activations, recompute = _saved_activations(shape, spec, tokens, b, side)
+    activations, recompute = _saved_activations(shape, spec, tokens, b, side, autocast)
+    if autocast and param_bytes == 4:
+        # torch.autocast caches a bf16 copy of every fp32 weight that requires grad until the forward ends, and
+        # backward keeps the copies it needs: one bf16 copy of the trainable parameters (the norms' are not cast).
+        activations += 2 * (trainable - _vector_params(shape, spec, side))
     if chunk is None:
         logits = tokens * V * 12  # bf16 logits, their fp32 copy, the log-softmax output and its gradient
     else:
@@ -316,11 +353,55 @@ def saved_activation_bytes(
     dtype: str = "bfloat16",
     reduction_factor: Optional[int] = None,
     ladder_config: Any = None,
+    autocast: Optional[str] = None,
 ) -> int:
-    """M3 alone: what autograd keeps for backward (the loss's log-softmax output excluded), wherever the peak falls."""
+    """M3 alone: what autograd keeps for backward (the loss's log-softmax output excluded), wherever the peak falls.
+    Activations only: autocast's bf16 weight copies, which `estimate` adds to its activation term, are not in it."""
     spec = get_method(method)
+    autocast = _check_options("adamw", dtype, autocast)
     side = _side(config, spec, ladder_config, reduction_factor)
-    return _saved_activations(Shape.from_config(config), spec, batch_size * seq_len, BYTES[dtype], side)[0]
+    shape = Shape.from_config(config)
+    return _saved_activations(shape, spec, batch_size * seq_len, BYTES[dtype], side, autocast)[0]
+
+
+def _check_options(optimizer: str, dtype: str, autocast: Optional[str]) -> bool:
+    """Validate the precision options; True when bf16 autocast is on."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
+    if dtype not in BYTES:
+        raise ValueError(f"dtype={dtype!r} is unknown; choose one of {sorted(BYTES)}.")
+    if autocast not in (None, *AUTOCASTS):
+        raise ValueError(f"autocast={autocast!r} is unknown; choose None, 'none' or 'bf16'.")
+    if autocast == "bf16" and dtype != "bfloat16":
+        raise ValueError(
+            f"autocast='bf16' with dtype={dtype!r} is not modelled; autocast='bf16' models a bf16 backbone "
+            "(dtype='bfloat16') with fp32 adapters, as Trainer's bf16=True runs QLoRA and Ladder."
+        )
+    return autocast == "bf16"
+
+
+def _optimizer_state(optimizer: str, trainable: int, vectors: int, param_bytes: int) -> float:
+    """M2: AdamW's two states in the parameters' dtype, or bitsandbytes' 8-bit AdamW: one byte per state and value
+    plus an fp32 absmax per 256 values, and fp32 states for tensors under 4,096 values (norms, biases, gates)."""
+    if optimizer in ("adamw", "adamw_torch"):
+        return 2 * trainable * param_bytes
+    large = trainable - vectors
+    return 2 * (large * (1 + 4 / BNB_BLOCK) + vectors * 4)
+
+
+def _vector_params(shape: Shape, spec: Method, side: Optional[Side]) -> int:
+    """Trainable parameters in 1-D tensors (norm weights, biases, gates): never cast by autocast, and under 4,096
+    values each, so 8-bit AdamW keeps fp32 state for them."""
+    if spec.kind == "full":
+        biases = shape.layers * (shape.q + 2 * shape.kv) if shape.qkv_bias else 0
+        return (2 * shape.layers + 1) * shape.hidden + biases
+    if spec.kind == "lora":
+        return 0
+    block = side.shape
+    biases = block.q + 2 * block.kv if block.qkv_bias else 0
+    gates = len(side.plan.block_to_layer) if side.gate == "learned" else 0
+    down_biases = 0 if spec.freeze_down else side.taps * block.hidden
+    return block.layers * (2 * block.hidden + biases) + block.hidden + down_biases + gates
 
 
 def _side(config, spec: Method, ladder_config: Any, reduction_factor: Optional[int]) -> Optional[Side]:
@@ -338,6 +419,83 @@ def fits_card(estimate_: Estimate, gb: int) -> bool:
     """Whether the estimate fits a `gb` GB card (GiB, as GPUs count), keeping 10% for the CUDA context,
     cuBLAS workspaces and fragmentation."""
     return estimate_.total <= 0.9 * gb * GIB
+
+
+TERMS = ("weights", "optimizer", "gradients", "activations", "logits")
+
+
+@dataclass
+class LongestContext:
+    """The longest sequence (batch 1) whose predicted peak fits a card, and the estimate at that length."""
+
+    method: str
+    gb: float
+    seq_len: int  # 0: not even one token fits (the weights and optimizer state alone are too large)
+    estimate: Estimate
+
+    @property
+    def dominant(self) -> str:
+        """The largest term of the peak at that length (one of `TERMS`)."""
+        return max(TERMS, key=lambda term: getattr(self.estimate, term))
+
+    @property
+    def limiting(self) -> str:
+        """The larger of the two terms that grow with the length ("activations" or "logits"): what to shrink to go
+        longer on the same card."""
+        return max(("activations", "logits"), key=lambda term: getattr(self.estimate, term))
+
+
+def longest_context(config, gb: float, method: str = "ladder-4bit", max_seq_len: int = 2**20, **kwargs: Any):
+    """The longest sequence length (batch 1) at which `method` fits a `gb` GB card (see `fits_card`), found by
+    binary search up to `max_seq_len` tokens; `kwargs` go to `estimate` (optimizer, autocast, ladder_config, ...).
+
+    Example:
+
+    ```py
+    >>> from peft_ladder.planner import longest_context
+    >>> llama_8b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    ...             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    ...             "vocab_size": 128256}
+    >>> answer = longest_context(llama_8b, 12, "qlora-gc-chunk", optimizer="adamw_8bit", autocast="bf16")
+    >>> answer.seq_len > 8192, answer.dominant
+    (True, 'weights')
+
+    ```
+    """
+    for name in ("seq_len", "batch_size"):
+        if name in kwargs:
+            raise ValueError(f"longest_context searches the sequence length at batch 1; do not pass {name}=.")
+    if gb <= 0 or max_seq_len < 1:
+        raise ValueError(f"gb={gb!r} and max_seq_len={max_seq_len!r} must be positive.")
+
+    def at(tokens: int) -> Estimate:
+        return estimate(config, method, batch_size=1, seq_len=tokens, **kwargs)
+
+    low, high = 0, max_seq_len  # invariant: `low` fits (0 trivially), everything above `high` does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits_card(at(middle), gb):
+            low = middle
+        else:
+            high = middle - 1
+    return LongestContext(method=method, gb=gb, seq_len=low, estimate=at(max(low, 1)))
+
+
+def longest_context_markdown(config, gb: float, methods=DEFAULT_METHODS, **kwargs) -> str:
+    lines = [
+        f"| method | longest context on {gb:g} GB (batch 1) | total GiB there | largest term (GiB) | "
+        "growing term (GiB) |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for method in methods:
+        answer = longest_context(config, gb, method, **kwargs)
+        g = answer.estimate.gib()
+        length = f"{answer.seq_len:,}" if answer.seq_len else "none (weights + optimizer do not fit)"
+        lines.append(
+            f"| {method} | {length} | {g['total']} | {answer.dominant} ({g[answer.dominant]}) | "
+            f"{answer.limiting} ({g[answer.limiting]}) |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(config, methods=DEFAULT_METHODS, cards_gb=CARDS_GB, **kwargs) -> str:
@@ -364,10 +522,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--method", default=None, help=f"one of {sorted(METHODS)}; default: {', '.join(DEFAULT_METHODS)}"
     )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default 1)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 2048)")
+    parser.add_argument(
+        "--gpu-gb",
+        type=float,
+        default=None,
+        help="instead of a table at one length: the longest context (batch 1) each method fits on this card",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
-    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizer", default="adamw", choices=OPTIMIZERS, help="TrainingArguments.optim (default adamw)"
+    )
+    parser.add_argument(
+        "--autocast",
+        default="none",
+        choices=AUTOCASTS,
+        help="bf16: Trainer/TRL bf16=True (fp32 adapters computed in bf16); default none",
+    )
     parser.add_argument("--reduction-factor", type=int, default=8, help="Ladder's r (LadderConfig.reduction_factor)")
     parser.add_argument(
         "--side-layers", type=int, default=None, help="LadderConfig.side_layers (default: one per backbone layer)"
@@ -379,19 +551,28 @@ def main(argv=None) -> int:
     if not args.config:
         parser.error("--config is required (a config.json or a model directory)")
     config = os.path.join(args.config, "config.json") if os.path.isdir(args.config) else args.config
+    if args.gpu_gb is not None and (args.seq_len, args.batch_size) != (None, None):
+        parser.error("--gpu-gb searches the longest sequence at batch 1; drop --seq-len and --batch-size")
     methods = [args.method] if args.method else list(DEFAULT_METHODS)
     gate = args.gate if args.gate in ("sum", "learned") else float(args.gate)
     kwargs = dict(
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        dtype=args.dtype,
-        optimizer=args.optimizer,
-        reduction_factor=args.reduction_factor,
+        dtype=args.dtype, optimizer=args.optimizer, reduction_factor=args.reduction_factor, autocast=args.autocast
     )
     if (args.side_layers, args.xladder_depth, gate) != (None, None, "sum"):
         kwargs["ladder_config"] = argparse.Namespace(
             side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate
         )
+    if args.gpu_gb is not None:
+        if args.json:
+            answers = [longest_context(config, args.gpu_gb, method, **kwargs) for method in methods]
+            rows = [
+                {**asdict(a), "dominant": a.dominant, "limiting": a.limiting, "gib": a.estimate.gib()} for a in answers
+            ]
+            print(json.dumps(rows, indent=1))
+        else:
+            print(longest_context_markdown(config, args.gpu_gb, methods, **kwargs))
+        return 0
+    kwargs.update(batch_size=args.batch_size or 1, seq_len=args.seq_len or 2048)
     if args.json:
         estimates = [estimate(config, method, **kwargs) for method in methods]
         print(json.dumps([{**asdict(e), "gib": e.gib()} for e in estimates], indent=1))

@@ -152,3 +152,147 @@ def test_cli_imports_neither_peft_nor_bitsandbytes():
     assert "transformers" in imported  # the -X importtime report was read
     assert not {"peft", "bitsandbytes"} & imported
     assert "kernels-community" not in result.stdout + result.stderr
+
+
+# --- mixed precision as Trainer runs it, 8-bit AdamW, the longest context -------------------------------------------
+
+
+def _autocast_loss(chunk_size):
+    from benchmarks.runner import _loss_fn
+
+    def loss_fn(model, batch):
+        with torch.autocast("cpu", torch.bfloat16):  # Trainer's bf16=True: autocast around the forward only
+            return _loss_fn(chunk_size)(model, batch)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("method", ["lora", "ladder", "ladder-4bit-frozendown"])
+def test_bf16_autocast_prediction_matches_a_real_cpu_step(checkpoint, method):
+    from benchmarks.models import external_chunk_size
+    from peft_ladder.memory import measure_training_step
+
+    model = _built(checkpoint, method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = make_batch(model.config.vocab_size, 1, 256, "cpu", seed=0)
+    loss_fn = _autocast_loss(external_chunk_size(METHODS[method]))
+    measure_training_step(model, optimizer, batch, loss_fn=loss_fn)  # AdamW creates its state
+    measured = measure_training_step(model, optimizer, batch, loss_fn=loss_fn)
+    plain = estimate(model_config("tiny"), method, seq_len=256)
+    predicted = estimate(model_config("tiny"), method, seq_len=256, autocast="bf16")
+    assert predicted.total == pytest.approx(measured.peak_bytes, rel=0.05)
+    assert predicted.activations < plain.activations  # bf16 copies instead of fp32 ones
+    assert (predicted.weights, predicted.optimizer) == (plain.weights, plain.optimizer)  # fp32 master weights
+
+
+def test_autocast_is_refused_where_it_is_not_modelled():
+    with pytest.raises(ValueError, match=r"autocast='fp8' is unknown; choose None, 'none' or 'bf16'"):
+        estimate(model_config("tiny"), "ladder", autocast="fp8")
+    with pytest.raises(ValueError, match=r"autocast='bf16' with dtype='float32' is not modelled"):
+        estimate(model_config("tiny"), "ladder", dtype="float32", autocast="bf16")
+
+
+@pytest.mark.parametrize("method", ["lora", "ladder"])
+def test_8bit_adamw_state_matches_bitsandbytes(method):
+    bnb = pytest.importorskip("bitsandbytes")
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from peft_ladder import LadderConfig
+
+    # Every matrix holds >= 4,096 values (bitsandbytes' min_8bit_size), as at 7B; vectors get fp32 state.
+    config = tf.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    adapter = LadderConfig(task_type="CAUSAL_LM") if method == "ladder" else None
+    if adapter is None:
+        adapter = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
+    model = get_peft_model(model, adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4)
+    for param in trainable:
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    shared_code_books = 2 * 256 * 4  # qmap1, qmap2: one pair for all parameters
+    measured = storage_bytes(held_tensors(optimizer=optimizer)) - shared_code_books
+    assert estimate(config, method, optimizer="adamw_8bit").optimizer == pytest.approx(measured, rel=1e-3)
+    assert estimate(config, method, optimizer="paged_adamw_8bit").optimizer == pytest.approx(measured, rel=1e-3)
+
+
+def test_longest_context_is_the_last_length_that_fits():
+    from peft_ladder.planner import fits_card, longest_context
+
+    config = os.path.join(CONFIGS, "llama-3.1-8b.json")
+    answer = longest_context(config, 12, "ladder-4bit", optimizer="adamw_8bit", autocast="bf16")
+    assert answer.seq_len > 0 and answer.estimate.seq_len == answer.seq_len
+    assert fits_card(answer.estimate, 12)
+    one_more = estimate(config, "ladder-4bit", seq_len=answer.seq_len + 1, optimizer="adamw_8bit", autocast="bf16")
+    assert not fits_card(one_more, 12)
+    assert longest_context(config, 24, "ladder-4bit").seq_len > longest_context(config, 12, "ladder-4bit").seq_len
+    assert answer.dominant == "weights" and answer.limiting == "activations"  # 4-bit backbone; side activations
+
+
+def test_longest_context_is_zero_when_the_weights_do_not_fit():
+    from peft_ladder.planner import longest_context
+
+    answer = longest_context(os.path.join(CONFIGS, "llama-3.1-8b.json"), 12, "full")
+    assert answer.seq_len == 0 and answer.estimate.total > 12 * 2**30
+
+
+def test_longest_context_refuses_a_sequence_length():
+    from peft_ladder.planner import longest_context
+
+    with pytest.raises(ValueError, match=r"searches the sequence length at batch 1; do not pass seq_len="):
+        longest_context(os.path.join(CONFIGS, "llama-3.1-8b.json"), 12, "ladder", seq_len=2048)
+
+
+def test_cli_answers_the_longest_context_on_a_card(capsys):
+    config = os.path.join(CONFIGS, "llama-3.1-8b.json")
+    assert main(["--config", config, "--gpu-gb", "12", "--optimizer", "adamw_8bit", "--autocast", "bf16"]) == 0
+    table = capsys.readouterr().out
+    assert "longest context on 12 GB" in table and "| full | none (weights + optimizer do not fit) |" in table
+    with pytest.raises(SystemExit):
+        main(["--config", config, "--gpu-gb", "12", "--seq-len", "4096"])
+    assert "--gpu-gb searches the longest sequence at batch 1" in capsys.readouterr().err
+
+
+# --- the planner's yardstick at 7B: the real module code on fake tensors (benchmarks/fake_validate.py) -------------
+
+
+@pytest.mark.parametrize("method", ["lora", "ladder", "ladder-nochunk", "qlora-gc-chunk", "ladder-4bit"])
+def test_fake_tensor_peak_equals_the_real_cpu_peak(checkpoint, method):
+    from benchmarks.fake_validate import fake_step_peak
+    from benchmarks.models import external_chunk_size
+    from benchmarks.runner import _loss_fn
+    from peft_ladder.memory import measure_training_step
+
+    model = _built(checkpoint, method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = make_batch(model.config.vocab_size, 1, 256, "cpu", seed=0)
+    loss_fn = _loss_fn(external_chunk_size(METHODS[method]))
+    measure_training_step(model, optimizer, batch, loss_fn=loss_fn)
+    real = measure_training_step(model, optimizer, batch, loss_fn=loss_fn)
+    fake = fake_step_peak(model_config("tiny"), method, seq_len=256)
+    # bf16 backbones: the same ops on the same shapes. 4-bit: bitsandbytes' storage and GPU matmul, emulated.
+    tolerance = 0.03 if METHODS[method].quantization else 0.001
+    assert fake["peak_bytes"] == pytest.approx(real.peak_bytes, rel=tolerance)
+    assert fake["baseline_bytes"] == pytest.approx(real.baseline_bytes, rel=tolerance)
+
+
+def test_fake_tensor_run_keeps_sdpa_is_causal_and_restores_transformers():
+    from transformers import masking_utils
+
+    from benchmarks.fake_validate import fake_step_peak
+
+    original = masking_utils.is_tracing
+    short, long = (fake_step_peak(model_config("tiny"), "ladder", seq_len=n)["peak_bytes"] for n in (512, 1024))
+    assert masking_utils.is_tracing is original
+    # No sequence x sequence mask: doubling the length less than doubles the peak's growth term.
+    assert long - short < 2.2 * (short - fake_step_peak(model_config("tiny"), "ladder", seq_len=256)["peak_bytes"])
