@@ -66,7 +66,7 @@ class AdapterSetup:
     def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
         """Raise a ValueError if `config` does not fit `model`; nothing is changed."""
         backbone = find_backbone(model)
-        check_modules_to_save(model, config.modules_to_save, backbone.norm_name.rpartition(".")[0])
+        check_modules_to_save(model, config.modules_to_save, backbone.frozen_names, backbone.kind)
         plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None
@@ -187,11 +187,19 @@ class LadderModel(BaseTuner):
         setup = self.adapter_setup
         layer_index = setup.targets[current_key]
         if layer_index is None and not isinstance(target, LadderFusionLayer):
-            target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state))
+            at_output = setup.backbone.fusion == "output"
+            target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state, at_output))
         elif layer_index is not None and not isinstance(target, LadderTapLayer):
             reference = layer_index == setup.reference_index
             target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, setup.state, reference))
         target.update_layer(adapter_name, setup.side_network(self.model, peft_config, adapter_name))
+        if layer_index is None and target.at_output:
+            # A post-norm encoder's taps sit inside its fusion layer (`bert.encoder`), and PEFT skips the modules
+            # inside an existing tuner layer: adapters after the first reach the taps from here.
+            for name, index in setup.targets.items():
+                tap = self.model.get_submodule(name) if index is not None else None
+                if isinstance(tap, LadderTapLayer):
+                    tap.update_layer(adapter_name, setup.side)
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
         self._replace_module(parent, name, new_module, new_module.base_layer)
@@ -223,6 +231,10 @@ class LadderModel(BaseTuner):
             return self._forward_with_folded_head(tokens, *args, **kwargs)
         chunk_size = self._loss_chunk_size(side)
         if chunk_size is None or chunking_blocker(self.model, kwargs) is not None:
+            if self.guard is not None and self.guard.decoder is self.model:
+                # A bare encoder or decoder (AutoModel, FEATURE_EXTRACTION) is the guarded module itself: call it,
+                # not its `.forward` as PEFT does, so the guard's hooks (the no-grad boundary) run.
+                return self.model(*args, **kwargs)
             return self.model.forward(*args, **kwargs)
         head_rows = tokens.head() if tokens is not None else None
         return chunked_causal_lm_forward(self.model, chunk_size, *args, head_rows=head_rows, **kwargs)
