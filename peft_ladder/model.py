@@ -66,6 +66,12 @@ class AdapterSetup:
     def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
         """Raise a ValueError if `config` does not fit `model`; nothing is changed."""
         backbone = find_backbone(model)
+        if backbone.kind == "encoder" and config.quantization is not None:
+            raise ValueError(
+                f"LadderConfig(quantization={config.quantization!r}) is not supported on encoder backbones yet "
+                f"({type(model).__name__}): the quantizer would also turn the classifier head that modules_to_save "
+                "trains into 4-bit weights. Set quantization=None."
+            )
         check_modules_to_save(model, config.modules_to_save, backbone.frozen_names, backbone.kind)
         plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}

@@ -269,6 +269,16 @@ def test_modernbert_side_width_must_split_into_rotary_heads():
         encoder_ladder("modernbert", "SEQ_CLS", reduction_factor=8)
 
 
+def test_quantization_is_refused_on_encoders_before_the_model_is_touched():
+    model = tiny_encoder("bert", "SEQ_CLS")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    config = LadderConfig(task_type="SEQ_CLS", quantization="4bit")
+    with pytest.raises(ValueError, match=r"quantization='4bit'\) is not supported on encoder backbones yet"):
+        get_peft_model(model, config)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+
+
 def test_encoder_decoder_models_are_refused_with_what_is_supported():
     import transformers as tf
 
