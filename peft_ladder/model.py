@@ -279,7 +279,14 @@ class LadderModel(BaseTuner):
         if self.guard is not None:
             self.guard.fusion.remove_guard()
             self.guard = None
-        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        # A post-norm encoder's taps sit inside its fusion layer, which PEFT unwraps first and then cannot find them
+        # under their wrapped names: unwrap what is left.
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LadderTapLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.get_base_layer())
+        return model
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:

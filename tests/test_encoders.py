@@ -199,6 +199,18 @@ def test_several_adapters(arch):
     assert model.active_adapter == "second" and torch.equal(encoder_output(model), second)
 
 
+@pytest.mark.parametrize("arch", list(ENCODER_ARCHS))
+def test_unload_returns_the_plain_base_encoder(arch):
+    expected = encoder_output(tiny_encoder(arch, "SEQ_CLS"))
+    model = encoder_ladder(arch, "SEQ_CLS", init_weights=False)
+    model.add_adapter("second", LadderConfig(task_type="SEQ_CLS", reduction_factor=4, init_weights=False))
+    base = model.unload()
+    assert not any(isinstance(m, (LadderTapLayer, LadderFusionLayer)) for m in base.modules())
+    assert not any("ladder_" in n for n, _ in base.named_parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in base.modules())
+    assert torch.equal(encoder_output(base), expected)
+
+
 # --- what is particular to encoders ------------------------------------------------------------------------------
 
 
