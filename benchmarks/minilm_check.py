@@ -163,11 +163,12 @@ def run(method: str, work: Workload) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cpu_seconds.append(time.process_time() - start)
-        losses.append(float(loss))
+        losses.append(loss.item())
     metric = evaluate(model, work)
     return {
         "method": method,
         "task": work.task,
+        "lr": work.args.lr,
         "trainable_params": trainable,
         "peak_step_mib": round(peak / 2**20, 1),
         "cpu_s_per_step": round(sum(cpu_seconds) / len(cpu_seconds), 3),
@@ -177,7 +178,7 @@ def run(method: str, work: Workload) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="classify,embed")
     parser.add_argument("--methods", default="ladder,lora")
@@ -187,7 +188,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = []
     for task in args.tasks.split(","):
@@ -206,10 +208,14 @@ def main() -> None:
         "machine": platform.machine(),
         "threads": 1,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"args": vars(args), "environment": environment, "results": results}, indent=2) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"args": {**vars(args), "out": str(args.out)}, "environment": environment, "results": results}, indent=2
+        )
+        + "\n"
     )
+    return results
 
 
 if __name__ == "__main__":
