@@ -105,13 +105,20 @@ class BackboneGuard:
         self, decoder: nn.Module, fusion: LadderFusionLayer, embedding: nn.Module, head: Optional[nn.Module]
     ) -> None:
         self.fusion = fusion
+        self.decoder = decoder  # the guarded module: a decoder, or what holds a post-norm encoder's embeddings
         self.state = fusion.forward_state
         self.first_tap = next(m for m in decoder.modules() if isinstance(m, LadderTapLayer))
         self.warned_checkpointing = False  # GC_WARNING is given once per model, not once per layer and step
         self._switched = False
+        # The frozen backbone ends at the fusion point: entering the final norm, or when a post-norm encoder's layer
+        # holder returns (LadderFusionLayer.at_output).
+        if fusion.at_output:
+            release = fusion.base_layer.register_forward_hook(self._release_after)
+        else:
+            release = fusion.register_forward_pre_hook(self._release)
         self.handles = [
             decoder.register_forward_pre_hook(self._enter),
-            fusion.register_forward_pre_hook(self._release),  # the frozen backbone ends here
+            release,
             decoder.register_forward_hook(self._exit, always_call=True),  # restores grad mode even on error
             # LadderConfig.trainable_token_indices (tokens.py): the ids the side stream's input rows need, and the
             # head rows added to the logits. Both do nothing for adapters without token rows.
@@ -139,6 +146,9 @@ class BackboneGuard:
         if self._switched:
             torch.set_grad_enabled(True)
             self._switched = False
+
+    def _release_after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._release(module, args)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._release(module, args)  # also when the forward raised before reaching the fusion point
@@ -214,14 +224,16 @@ class LadderTapLayer(LadderLayer):
 
 
 class LadderFusionLayer(LadderLayer):
-    """Wraps the final norm: adds the active adapter's side output to the last decoder layer's output, then norms."""
+    """Wraps the fusion point: the final norm (adds the active adapter's side output to the last layer's output, then
+    norms) or, with `at_output`, a post-norm encoder's layer holder (adds it to the last hidden state it returns)."""
 
     adapter_layer_names = ("ladder_side",)
 
-    def __init__(self, base_layer: nn.Module, state: ForwardState) -> None:
+    def __init__(self, base_layer: nn.Module, state: ForwardState, at_output: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.forward_state = state
+        self.at_output = at_output  # backbone.Backbone.fusion == "output"
         self.guard: Optional[BackboneGuard] = None  # installed by LadderModel once the adapter is injected
         self.ladder_side = nn.ModuleDict()
         self._disable_adapters = False
@@ -251,11 +263,40 @@ class LadderFusionLayer(LadderLayer):
         return self.ladder_side[self.active_adapters[0]] if self.active_adapters[0] in self.ladder_side else None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.at_output:
+            return self._fuse_output(hidden_states, *args, **kwargs)
         side = self.active_side()
         taps, block_args, block_kwargs = self.forward_state.take()  # keep nothing alive between steps
         if side is None or not taps:
             return self.base_layer(hidden_states, *args, **kwargs)
+        return self.base_layer(self._fuse(side, hidden_states, taps, block_args, block_kwargs), *args, **kwargs)
 
+    def _fuse_output(self, *args: Any, **kwargs: Any) -> Any:
+        """Post-norm encoders: run the layer holder (the taps fill during it), then add the side output to the last
+        hidden state it returns (a ModelOutput, a tuple or a tensor); no norm follows, so no gain to divide by."""
+        output = self.base_layer(*args, **kwargs)  # frozen: the guard releases grad only when this returns
+        side = self.active_side()
+        taps, block_args, block_kwargs = self.forward_state.take()
+        if side is None or not taps:
+            return output
+        if isinstance(output, torch.Tensor):
+            return self._fuse(side, output, taps, block_args, block_kwargs, gain=False)
+        fused = self._fuse(side, output[0], taps, block_args, block_kwargs, gain=False)
+        if isinstance(output, tuple):
+            return (fused, *output[1:])
+        output[next(iter(output.keys()))] = fused  # ModelOutput: `last_hidden_state`, attribute and key
+        return output
+
+    def _fuse(
+        self,
+        side: LadderSideNetwork,
+        hidden_states: torch.Tensor,
+        taps: dict,
+        block_args: tuple,
+        block_kwargs: dict,
+        gain: bool = True,
+    ) -> torch.Tensor:
+        """h_L + the side network's output (B, T, d), in h_L's dtype and on the side network's device."""
         if side.up.weight.is_meta:
             raise RuntimeError(
                 f"Adapter {self.active_adapters[0]!r} has no weights yet: it was created with low_cpu_mem_usage=True, "
@@ -272,9 +313,9 @@ class LadderFusionLayer(LadderLayer):
             return out[0] if isinstance(out, tuple) else out
 
         with _not_recorded():
-            gain = norm_gain(self.base_layer, hidden_states) if side.fusion_scale == "rms_gain" else None
+            gain = norm_gain(self.base_layer, hidden_states) if gain and side.fusion_scale == "rms_gain" else None
             side_out = side(taps, run_block, hidden_states, gain)  # (B, T, d)
-        return self.base_layer(hidden_states + side_out.to(hidden_states.dtype), *args, **kwargs)
+        return hidden_states + side_out.to(hidden_states.dtype)
 
     def __repr__(self) -> str:
         return "ladder_fusion." + super().__repr__()

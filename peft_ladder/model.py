@@ -66,7 +66,13 @@ class AdapterSetup:
     def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
         """Raise a ValueError if `config` does not fit `model`; nothing is changed."""
         backbone = find_backbone(model)
-        check_modules_to_save(model, config.modules_to_save, backbone.norm_name.rpartition(".")[0])
+        if backbone.kind == "encoder" and config.quantization is not None:
+            raise ValueError(
+                f"LadderConfig(quantization={config.quantization!r}) is not supported on encoder backbones yet "
+                f"({type(model).__name__}): the quantizer would also turn the classifier head that modules_to_save "
+                "trains into 4-bit weights. Set quantization=None."
+            )
+        check_modules_to_save(model, config.modules_to_save, backbone.frozen_names, backbone.kind)
         plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None
@@ -187,11 +193,19 @@ class LadderModel(BaseTuner):
         setup = self.adapter_setup
         layer_index = setup.targets[current_key]
         if layer_index is None and not isinstance(target, LadderFusionLayer):
-            target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state))
+            at_output = setup.backbone.fusion == "output"
+            target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state, at_output))
         elif layer_index is not None and not isinstance(target, LadderTapLayer):
             reference = layer_index == setup.reference_index
             target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, setup.state, reference))
         target.update_layer(adapter_name, setup.side_network(self.model, peft_config, adapter_name))
+        if layer_index is None and target.at_output:
+            # A post-norm encoder's taps sit inside its fusion layer (`bert.encoder`), and PEFT skips the modules
+            # inside an existing tuner layer: adapters after the first reach the taps from here.
+            for name, index in setup.targets.items():
+                tap = self.model.get_submodule(name) if index is not None else None
+                if isinstance(tap, LadderTapLayer):
+                    tap.update_layer(adapter_name, setup.side)
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
         self._replace_module(parent, name, new_module, new_module.base_layer)
@@ -223,6 +237,10 @@ class LadderModel(BaseTuner):
             return self._forward_with_folded_head(tokens, *args, **kwargs)
         chunk_size = self._loss_chunk_size(side)
         if chunk_size is None or chunking_blocker(self.model, kwargs) is not None:
+            if self.guard is not None and self.guard.decoder is self.model:
+                # A bare encoder or decoder (AutoModel, FEATURE_EXTRACTION) is the guarded module itself: call it,
+                # not its `.forward` as PEFT does, so the guard's hooks (the no-grad boundary) run.
+                return self.model(*args, **kwargs)
             return self.model.forward(*args, **kwargs)
         head_rows = tokens.head() if tokens is not None else None
         return chunked_causal_lm_forward(self.model, chunk_size, *args, head_rows=head_rows, **kwargs)
@@ -261,7 +279,14 @@ class LadderModel(BaseTuner):
         if self.guard is not None:
             self.guard.fusion.remove_guard()
             self.guard = None
-        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        # A post-norm encoder's taps sit inside its fusion layer, which PEFT unwraps first and then cannot find them
+        # under their wrapped names: unwrap what is left.
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LadderTapLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.get_base_layer())
+        return model
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name: str, state_dict: dict) -> dict:

@@ -52,31 +52,37 @@ def check_config_kwargs(kwargs: dict) -> None:
             raise TypeError(f"LadderConfig got the LoRA option {name}={value!r}; {LORA_ONLY_FIELDS[name]}.")
 
 
-def check_modules_to_save(model: nn.Module, names: Iterable[str] | None, decoder_name: str) -> None:
-    """Every `modules_to_save` entry must name a module that trains: one after the fusion point (a head).
+def check_modules_to_save(model: nn.Module, names: Iterable[str] | None, frozen: tuple[str, ...], kind: str) -> None:
+    """Every `modules_to_save` entry must name a module that trains: one after the fusion point (a head, a pooler).
 
-    Ladder runs the decoder (`decoder_name`, the final norm's parent) without grad up to the final norm, the fusion
-    point: a trainable copy of a module in there (embeddings, a layer) would be counted as trainable and never get a
-    gradient, and the final norm itself is where Ladder attaches. PEFT matches entries as name suffixes.
+    Ladder runs the `frozen` modules without grad up to the fusion point: a decoder (the final norm's parent), or a
+    post-norm encoder's embeddings and layer holder (`bert.embeddings`, `bert.encoder`; `bert.pooler` comes after).
+    A trainable copy of a module in there (embeddings, a layer) would be counted as trainable and never get a
+    gradient, and the fusion module itself is where Ladder attaches. PEFT matches entries as name suffixes.
     """
     module_names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    prefix = f"{decoder_name}." if decoder_name else ""
+    region = frozen[0].rpartition(".")[0] if kind == "encoder" else frozen[0]  # what the guard wraps
     for entry in names or ():
         matches = [name for name in module_names if name.endswith(entry)]
         if not matches and entry not in PEFT_HEAD_NAMES:
-            heads = [n for n in module_names if n and "." not in n and not f"{decoder_name}.".startswith(f"{n}.")]
+            heads = [n for n in module_names if n and "." not in n and not f"{region}.".startswith(f"{n}.")]
             raise ValueError(
                 f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}; name a module after "
-                f"the decoder, such as {heads or ['lm_head']}."
+                f"the {kind}, such as {heads or ['lm_head']}."
             )
-        inside = next((name for name in matches if name == decoder_name or name.startswith(prefix)), None)
+        inside = next((name for name in matches for part in frozen if _within(name, part)), None)
         if inside is not None:
+            where = next(part for part in frozen if _within(inside, part)) or "(model)"
             raise ValueError(
-                f"modules_to_save entry {entry!r} names `{inside}`, inside the decoder `{decoder_name or '(model)'}` "
-                "that Ladder runs without grad up to its final norm (the fusion point): a trainable copy there would "
-                "never get a gradient. Train what comes after the decoder instead (lm_head, a score/classifier head), "
-                "or use LoraConfig to fine-tune embeddings or decoder layers."
+                f"modules_to_save entry {entry!r} names `{inside}`, inside the {kind} `{where}` that Ladder runs "
+                "without grad up to the fusion point: a trainable copy there would never get a gradient. Train what "
+                "comes after it instead (lm_head, a score/classifier head, a pooler), or use LoraConfig to fine-tune "
+                f"embeddings or {kind} layers."
             )
+
+
+def _within(name: str, part: str) -> bool:
+    return not part or name == part or name.startswith(f"{part}.")
 
 
 # PEFT 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers >= 5.2x deprecates in

@@ -107,6 +107,38 @@ SOFT_CAPPED = ("gemma3-softcapped",)  # final_logit_softcapping on the LM head's
 SEQ_CLS = tuple(SEQ_CLS_CLASSES)  # with a sequence-classification head
 assert set(ROTARY) | set(ABSOLUTE_POSITIONS) == set(ARCHS)
 
+# Encoder-only backbones: a parallel table, since the decoder tests assume a causal LM (labels = input ids, generate).
+# BERT and RoBERTa are post-norm (Ladder fuses at the encoder's output); ModernBERT is pre-norm with a final norm and
+# alternating sliding-window / global attention layers.
+ENCODER_ARCHS = {
+    "bert": lambda: tf.BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCAB
+    ),
+    "roberta": lambda: tf.RobertaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCAB
+    ),
+    "modernbert": lambda: tf.ModernBertConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        global_attn_every_n_layers=2,
+        local_attention=8,  # a 4-token half-window: the 12-token test batches see it
+        bos_token_id=2,
+        eos_token_id=1,
+        cls_token_id=2,
+        sep_token_id=1,
+    ),
+}
+# task type -> transformers auto class: what a PEFT user builds for each encoder use.
+ENCODER_TASKS = {
+    "SEQ_CLS": tf.AutoModelForSequenceClassification,
+    "TOKEN_CLS": tf.AutoModelForTokenClassification,
+    "FEATURE_EXTRACTION": tf.AutoModel,  # sentence embeddings: last_hidden_state, pooled by the user
+}
+ENCODER_LABELS = 3
+
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 # A test that needs bitsandbytes carries the tier marker and this clean skip where it is not installed.
 requires_bitsandbytes = pytest.mark.skipif(
@@ -183,6 +215,22 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides):
 def tiny_seq_cls(arch: str = "llama", seed: int = 0, num_labels: int = 3):
     torch.manual_seed(seed)
     return SEQ_CLS_CLASSES[arch](tiny_config(arch, num_labels=num_labels)).eval()
+
+
+def tiny_encoder(arch: str = "bert", task: str = "SEQ_CLS", seed: int = 0):
+    """A tiny encoder-only model for `task` (ENCODER_TASKS), the padding token 0, 3 labels."""
+    config = ENCODER_ARCHS[arch]()
+    config.pad_token_id = 0
+    config.num_labels = ENCODER_LABELS
+    torch.manual_seed(seed)
+    return ENCODER_TASKS[task].from_config(config).eval()
+
+
+def encoder_output(model, inputs: dict | None = None) -> torch.Tensor:
+    """What an encoder user reads (classifier logits, or last_hidden_state for embeddings), without autograd."""
+    with torch.no_grad():
+        out = model(**(inputs if inputs is not None else batch()))
+    return out.logits if "logits" in out else out.last_hidden_state
 
 
 def bnb_4bit_causal_lm(arch: str = "llama"):
