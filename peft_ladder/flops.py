@@ -5,10 +5,14 @@ shapes, so a frozen backbone's forward, the side network's forward and backward,
 layer all count what they actually do. Element-wise ops (norms, activations, the optimizer) are not counted, as in
 `torch.utils.flop_counter` and the usual 6N rule.
 
-bitsandbytes runs some quantized matmuls as its own ops (`gemv_4bit` for 4-bit inputs of one token,
-the `int8_*` matmuls of 8-bit layers), which `FlopCounterMode` does not know; their formulas are registered here,
-as for `aten.mm` (2 x rows x in x out). 4-bit layers on other inputs dequantize and call `aten` matmuls, which are
-counted already.
+Two kinds of op `FlopCounterMode` does not know are registered here:
+
+* bitsandbytes runs some quantized matmuls as its own ops (`gemv_4bit` for 4-bit inputs of one token, the `int8_*`
+  matmuls of 8-bit layers); their formulas are those of `aten.mm` (2 x rows x in x out). 4-bit layers on other inputs
+  dequantize and call `aten` matmuls, which are counted already.
+* On a CPU, `scaled_dot_product_attention` runs `_scaled_dot_product_flash_attention_for_cpu` (and its backward),
+  which torch counts as 0 FLOPs; they get torch's own formulas for the CUDA flash kernels, so an attention costs the
+  same count on either device.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 _REGISTERED = False
 
@@ -27,12 +36,31 @@ def _matmul_flops(rows_shape, out_features: int, in_features: int) -> int:
     return 2 * prod(rows_shape) * out_features * in_features
 
 
-def _register_bitsandbytes() -> None:
-    """Teach `FlopCounterMode` bitsandbytes' matmul ops (once; a no-op without bitsandbytes)."""
+def _register_missing_ops() -> None:
+    """Teach `FlopCounterMode` the CPU attention kernels and bitsandbytes' matmuls (once; the module docstring)."""
     global _REGISTERED
     if _REGISTERED:
         return
     _REGISTERED = True
+    _register_cpu_attention()
+    _register_bitsandbytes()
+
+
+def _register_cpu_attention() -> None:
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+    def _sdpa_cpu(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+    def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def _register_bitsandbytes() -> None:
     ops = getattr(torch.ops, "bitsandbytes", None)
     if ops is None or not hasattr(ops, "gemv_4bit"):
         return
@@ -58,7 +86,7 @@ def _register_bitsandbytes() -> None:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs dispatched while `fn()` runs."""
-    _register_bitsandbytes()
+    _register_missing_ops()
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())

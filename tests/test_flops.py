@@ -44,3 +44,18 @@ def test_quantized_backbones_count_their_matmuls_like_float_ones(kind):
         with quantized.disable_adapter():
             got = count_flops(lambda: quantized(**inputs))
     assert got == expected
+
+
+def test_attention_on_a_cpu_counts_what_the_cuda_kernels_count():
+    # torch counts the CPU flash-attention kernel as 0 FLOPs; peft_ladder.flops gives it the CUDA kernels' formulas.
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    query = torch.randn(2, 4, 16, 8, requires_grad=True)
+    shape = query.shape
+
+    def attention():
+        return torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
+
+    assert count_flops(attention) == sdpa_flop_count(shape, shape, shape) > 0
+    both = count_flops(lambda: attention().sum().backward())
+    assert both == sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(shape, shape, shape, shape)
