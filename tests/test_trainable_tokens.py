@@ -329,25 +329,15 @@ def chats(texts: list[str]) -> dict:
 
 def sft_trainer(tmp_path, config: LadderConfig, data: dict, **overrides):
     trl = pytest.importorskip("trl")
-    args = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=3e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        max_length=48,
-        seed=0,
-        disable_tqdm=True,
-        bf16=False,  # TRL's default gradient checkpointing stays on
-    )
-    args.update(overrides)
+    from test_trl import sft_config
+
+    # TRL's default gradient checkpointing stays on
+    args = sft_config(tmp_path / "run", **{"max_steps": 4, "max_length": 48, "bf16": False, **overrides})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return trl.SFTTrainer(
             model=tiny_causal_lm("llama"),
-            args=trl.SFTConfig(**args),
+            args=args,
             train_dataset=Dataset.from_dict(data),
             processing_class=char_tokenizer(),
             peft_config=config,
