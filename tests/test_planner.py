@@ -194,7 +194,7 @@ def test_autocast_is_refused_where_it_is_not_modelled():
 
 @pytest.mark.parametrize("method", ["lora", "ladder"])
 def test_8bit_adamw_state_matches_bitsandbytes(method):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes", minversion="0.50")  # its 8-bit optimizers run on CPU from 0.50
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
