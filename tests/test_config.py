@@ -101,11 +101,12 @@ def test_unsupported_architectures_get_a_clear_error():
         r"supports decoder-only",
     ):
         get_peft_model(t5, LadderConfig(task_type="SEQ_2_SEQ_LM"))
-    bert = tf.BertModel(
-        tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    no_norm = tf.LlamaForCausalLM(
+        tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64)
     )
-    with pytest.raises(ValueError, match=r"has no final norm .*Supported: decoder-only"):
-        get_peft_model(bert, LadderConfig())
+    del no_norm.model.norm  # a decoder without a final norm: nowhere to fuse
+    with pytest.raises(ValueError, match=r"has no final norm .*Supported: decoder-only .* encoder-only"):
+        get_peft_model(no_norm, LadderConfig())
     with pytest.raises(ValueError, match=r"needs a transformers model with a `.config`; got Sequential"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LadderConfig())
 
