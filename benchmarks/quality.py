@@ -35,13 +35,12 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import quality_setup as setup
-from .runner import environment, run_worker, worker_error, worker_result
+from .runner import Clock, environment, run_worker, worker_error, worker_result
 
 SIZES = {
     "default": {
@@ -175,20 +174,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-class StepTimer:
-    """Time of one training step: process CPU time on CPU; on CUDA, wall time between two synchronizations."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.key = "cuda_s_per_step" if self.cuda else "cpu_s_per_step"
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
-
-
 PROBE_STEPS = 5  # the first steps' effect on one fixed batch: the issue's "no first step raises the loss > 10%"
 
 
@@ -239,8 +224,9 @@ def run(spec: dict) -> dict:
     flops = shape_flops(model, batches, cache)
     evals = spec["size"]["evals"]
     marks = sorted({min(steps, max(1, round(steps * k / evals))) for k in range(1, evals + 1)})
-    timer = StepTimer(device)
-    clock = timer.key.removesuffix("_per_step")  # cpu_s, or cuda_s on a GPU
+    timer = Clock(device)  # process CPU time; on CUDA, wall time between synchronizations
+    time_key = "cuda_s_per_step" if timer.cuda else "cpu_s_per_step"
+    clock = time_key.removesuffix("_per_step")  # cpu_s, or cuda_s on a GPU
     curve = [{"step": 0, "flops": init_flops, clock: 0.0, **setup.evaluate(model, data["eval"], task)}]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, opts["warmup"], opts["schedule"])
@@ -274,7 +260,7 @@ def run(spec: dict) -> dict:
         "peak_bytes": memory.peak_bytes,
         "saved_bytes": memory.saved_bytes,
         "memory_shape": list(train[0]["input_ids"].shape),
-        timer.key: statistics.median(times),
+        time_key: statistics.median(times),
         "flops_per_shape": {"x".join(map(str, k)): v for k, v in cache.items()},
         "flops_per_step": (total - init_flops) / steps,
         "init_flops": init_flops,

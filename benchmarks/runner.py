@@ -52,7 +52,7 @@ def _loss_fn(chunk_size: Optional[int]):
     return lambda model, batch: chunked_causal_lm_forward(model, chunk_size, **batch).loss
 
 
-class _Clock:
+class Clock:
     """CPU: process CPU time (single-threaded). CUDA: wall time between synchronizations."""
 
     def __init__(self, device: torch.device) -> None:
@@ -67,7 +67,7 @@ class _Clock:
 
 
 def measure(model, optimizer, batch: dict, steps: int, chunk_size: Optional[int], device: torch.device) -> dict:
-    clock = _Clock(device)
+    clock = Clock(device)
     train_step(model, batch, optimizer, chunk_size)  # warm-up: optimizer state appears
     times = []
     for _ in range(steps):
@@ -139,7 +139,7 @@ def run_generation(spec: dict) -> dict:
     prompt = make_batch(vocab, 1, spec["prompt_len"], device, spec["seed"])
     prompt.pop("labels")
     new = spec["new_tokens"]
-    clock = _Clock(device)
+    clock = Clock(device)
 
     def speed(m) -> float:
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
