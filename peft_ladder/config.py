@@ -18,6 +18,7 @@ from .options import check_config_kwargs
 from .quantization import COMPUTE_DTYPES, KINDS, QUANT_TYPES, ComputeDtype, Kind, QuantType
 from .side_init import SIDE_INITS, SideInit
 from .side_network import FUSION_SCALES, FusionScale
+from .taps import SAVED_TAPS, SavedTaps
 from .tokens import TokenIndices, check_token_indices
 
 GATES = ("sum", "learned")
@@ -180,6 +181,25 @@ class LadderConfig(PeftConfig):
             "fused LM head are unchanged. None: always use the model's own loss and logits."
         },
     )
+    side_checkpointing: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Recompute the side blocks in backward (non-reentrant torch.utils.checkpoint) instead of keeping "
+            "their activations: about one more side forward per step, much less memory. Only the side blocks rerun, "
+            "never the backbone. None (default): whenever the side network trains (train mode, grad enabled) and has "
+            "2 or more blocks. True: whenever it trains. False: never. Decides alone: the backbone's gradient "
+            "checkpointing (Trainer's gradient_checkpointing=True) changes nothing for Ladder."
+        },
+    )
+    saved_taps: SavedTaps = field(
+        default="native",
+        metadata={
+            "help": "How each trainable down-projection keeps its tap (a backbone hidden state) for its weight "
+            "gradient (taps.py): 'native' (default) the tap itself at the backbone's precision, no fp32 copy, exact; "
+            "'int8' int8 codes with a per-token absmax scale (about half of bf16, a small gradient error); 'cpu' a "
+            "pinned CPU copy made during the forward and brought back in backward (CUDA only)."
+        },
+    )
     # --- new tokens (tokens.py; docs/how-to/training.md, "New tokens") ---------------------------------------------
     trainable_token_indices: Optional[TokenIndices] = field(
         default=None,
@@ -318,6 +338,7 @@ class LadderConfig(PeftConfig):
                 "a positive number of tokens (e.g. 256) or None (the model's own loss, with logits)",
             )
         self._validate_flags()
+        self._validate_memory_options()
         self._validate_quantization()
         self._validate_side_init()
         check_token_indices(self.trainable_token_indices)
@@ -340,6 +361,18 @@ class LadderConfig(PeftConfig):
             not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules)
         ):
             raise ValueError(f"modules_to_save={modules!r} must be None or a list of module names, e.g. ['score'].")
+
+    def _validate_memory_options(self) -> None:
+        if self.side_checkpointing is not None and not isinstance(self.side_checkpointing, bool):
+            raise ValueError(
+                f"side_checkpointing={self.side_checkpointing!r} must be None (checkpoint the side blocks whenever "
+                "that lowers the peak), True or False."
+            )
+        if self.saved_taps not in SAVED_TAPS:
+            raise ValueError(
+                f"saved_taps={self.saved_taps!r} is unknown; use 'native' (the default: taps at the backbone's "
+                "precision), 'int8' (per-token 8-bit) or 'cpu' (offloaded to pinned CPU memory, CUDA only)."
+            )
 
     def _validate_side_init(self) -> None:
         if self.side_init not in SIDE_INITS:

@@ -14,13 +14,16 @@ cache) the side blocks reuse. The guard starts it when the decoder is entered, t
 
 from __future__ import annotations
 
+import functools
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.utils.checkpoint
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import output_capturing
 
 from .cache import reserve_side_slots
@@ -28,11 +31,13 @@ from .side_network import LadderSideNetwork
 from .tokens import add_head_rows, record_token_ids
 
 GC_WARNING = (
-    "Gradient checkpointing has no effect on Ladder's frozen backbone: it already runs without grad and keeps no "
-    "activations for backward. Checkpointing enabled after the adapter was attached (as Trainer and TRL do) also "
-    "checkpoints the side blocks: less memory, more compute. Set gradient_checkpointing=False (TRL's SFTConfig "
-    "turns it on by default) to avoid that recompute."
+    "Gradient checkpointing changes nothing for Ladder: the frozen backbone runs without grad and keeps no "
+    "activations for backward, and the side blocks are checkpointed by LadderConfig.side_checkpointing alone "
+    "(default: whenever the side network trains). You can set gradient_checkpointing=False (TRL's SFTConfig turns "
+    "it on by default)."
 )
+# What recomputes a side block in backward: non-reentrant, whatever the backbone's checkpointing was enabled with.
+CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 # The decoder returned without running the fusion layer's forward: something replaced it on the instance.
 FUSION_BYPASSED = (
@@ -309,10 +314,18 @@ class LadderFusionLayer(LadderLayer):
         reserve_side_slots(_find_cache(block_args, block_kwargs), side.side_config)  # each adapter its own depth
 
         def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
-            out = block(side_hidden, *block_args, **block_kwargs)
+            if checkpointed and not isinstance(block, GradientCheckpointingLayer):
+                out = CHECKPOINT(block, side_hidden, *block_args, **block_kwargs)
+            else:
+                out = block(side_hidden, *block_args, **block_kwargs)
             return out[0] if isinstance(out, tuple) else out
 
-        with _not_recorded():
+        checkpointed = side.checkpoints_blocks()
+        if checkpointed:
+            # A recomputed block would write its keys and values a second time; a training forward does not need
+            # them (transformers' checkpointed layers drop the cache the same way).
+            block_args, block_kwargs = _without_cache(block_args, block_kwargs)
+        with _not_recorded(), _side_checkpointing(side.blocks, checkpointed):
             gain = norm_gain(self.base_layer, hidden_states) if gain and side.fusion_scale == "rms_gain" else None
             side_out = side(taps, run_block, hidden_states, gain)  # (B, T, d)
         return hidden_states + side_out.to(hidden_states.dtype)
@@ -332,6 +345,30 @@ def norm_gain(norm: nn.Module, stream: torch.Tensor) -> torch.Tensor:
     probe = torch.ones(stream.shape[-1], dtype=stream.dtype, device=stream.device)
     probe[1::2] = -1.0
     return ((norm(probe[None]) - norm(-probe[None]))[0] / 2 * probe).abs()  # (d,)
+
+
+@contextmanager
+def _side_checkpointing(blocks: nn.ModuleList, enabled: bool) -> Iterator[None]:
+    """Checkpoint the side blocks during this fusion or not, as `LadderSideNetwork.checkpoints_blocks` decided.
+
+    The side blocks are the backbone's decoder-layer class, so transformers' `gradient_checkpointing_enable()` (Trainer,
+    TRL) flags them too; their flag is set here for the side pass and put back after, so that flag changes nothing and
+    `model.is_gradient_checkpointing` reads as before. transformers' layer checkpoints its `forward` inside its
+    `__call__`, so module hooks (FSDP2's) stay outside the recompute.
+    """
+    layers = [block for block in blocks if isinstance(block, GradientCheckpointingLayer)]
+    before = [(layer.gradient_checkpointing, getattr(layer, "_gradient_checkpointing_func", None)) for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = enabled, CHECKPOINT
+    try:
+        yield
+    finally:
+        for layer, (flag, func) in zip(layers, before, strict=True):
+            layer.gradient_checkpointing = flag
+            if func is None:
+                del layer._gradient_checkpointing_func
+            else:
+                layer._gradient_checkpointing_func = func
 
 
 @contextmanager
@@ -359,6 +396,17 @@ def _find_cache(args: tuple, kwargs: dict):
         if isinstance(value, Cache):
             return value
     return None
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The block inputs with the KV cache (positional, as GPT-2 passes it, or keyword) replaced by None."""
+    from transformers.cache_utils import Cache
+
+    args = tuple(None if isinstance(value, Cache) else value for value in args)
+    kwargs = {key: None if isinstance(value, Cache) else value for key, value in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def _execution_device(module: nn.Module) -> Optional[torch.device]:

@@ -120,6 +120,7 @@ class AdapterSetup:
         if self.side is None:
             self.side = self.build_side(model, config)
             prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
+            self.side.set_memory_options(config.side_checkpointing, config.saved_taps)
         return self.side
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .connections import ConnectionPlan
+from .taps import SAVED_TAPS, SavedTaps, TapLinear, tap_reader
 from .tokens import LadderTokenRows, TokenTargets
 
 BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -67,7 +68,7 @@ class LadderSideNetwork(nn.Module):
         self.gate_temperature = float(gate_temperature)
         self.fusion_scale = fusion_scale
         # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).
-        self.down = nn.ModuleDict({str(index): nn.Linear(hidden_size, side_width) for index in plan.tap_indices})
+        self.down = nn.ModuleDict({str(index): TapLinear(hidden_size, side_width) for index in plan.tap_indices})
         self.blocks = nn.ModuleList(
             [block_cls(side_config, layer_idx=plan.num_layers + j) for j in range(plan.side_blocks)]
         )
@@ -85,6 +86,26 @@ class LadderSideNetwork(nn.Module):
         # LadderConfig.trainable_token_indices (tokens.py). Built last: adapters without it draw the same random init.
         self.tokens = LadderTokenRows(tokens, hidden_size, init_weights) if tokens is not None else None
 
+    # LadderConfig.side_checkpointing and saved_taps (set by `set_memory_options`; these are their defaults).
+    checkpointing: Optional[bool] = None
+    saved_taps: SavedTaps = "native"
+
+    def set_memory_options(self, checkpointing: Optional[bool], saved_taps: SavedTaps) -> None:
+        """How training keeps what backward needs: `checkpointing` the side blocks, `saved_taps` the taps (taps.py)."""
+        assert saved_taps in SAVED_TAPS, saved_taps
+        self.checkpointing, self.saved_taps = checkpointing, saved_taps
+        for down in self.down.values():
+            reader = tap_reader(down)
+            assert reader is not None, "a down-projection must read its tap with a taps.TapLinear"
+            reader.saved_taps = saved_taps
+
+    def checkpoints_blocks(self) -> bool:
+        """Whether this forward recomputes the side blocks in backward instead of keeping their activations: when
+        training (train mode, grad enabled), and by default only with 2+ blocks (with one, the peak stays the same)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        return len(self.blocks) > 1 if self.checkpointing is None else self.checkpointing
+
     @property
     def dtype(self) -> torch.dtype:
         return self.up.weight.dtype
@@ -95,11 +116,13 @@ class LadderSideNetwork(nn.Module):
     def project(self, index: int, hidden: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Down-project backbone hidden state `hidden[index]`; detached, so no gradient reaches the backbone.
 
-        The state that seeds the side stream (s_0) first gets the token rows of `token_ids` (B, T), if any.
+        The tap stays in the backbone's dtype: the `TapLinear` that reads it casts it on the fly and keeps it for its
+        weight gradient as `saved_taps` says (taps.py). The state that seeds the side stream (s_0) first gets the
+        token rows of `token_ids` (B, T), if any, in the side dtype.
         """
-        hidden = hidden.detach().to(self.up.weight.device, self.dtype)
+        hidden = hidden.detach().to(self.up.weight.device)
         if index == self.plan.source and self.tokens is not None:
-            hidden = self.tokens.add_to_stream(hidden, token_ids)
+            hidden = self.tokens.add_to_stream(hidden.to(self.dtype), token_ids)
         return self.down[str(index)](hidden)
 
     def output_scale(self, stream: torch.Tensor) -> torch.Tensor:
