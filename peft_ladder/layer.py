@@ -31,10 +31,10 @@ from .side_network import LadderSideNetwork
 from .tokens import add_head_rows, record_token_ids
 
 GC_WARNING = (
-    "Gradient checkpointing changes nothing for Ladder: the frozen backbone runs without grad and keeps no "
-    "activations for backward, and the side blocks are checkpointed by LadderConfig.side_checkpointing alone "
-    "(default: whenever the side network trains). You can set gradient_checkpointing=False (TRL's SFTConfig turns "
-    "it on by default)."
+    "Gradient checkpointing has no effect on Ladder: the frozen backbone runs without grad and keeps no activations "
+    "for backward, and LadderConfig.side_checkpointing alone decides whether the side blocks are checkpointed "
+    "(default: whenever the side network trains). gradient_checkpointing=False (TRL's SFTConfig turns it on by "
+    "default) trains the same."
 )
 # What recomputes a side block in backward: non-reentrant, whatever the backbone's checkpointing was enabled with.
 CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)

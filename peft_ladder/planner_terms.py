@@ -27,6 +27,12 @@ SIDE_FIELDS = {
     "xladder_depth": None,
     "gate": "sum",
 }
+# The LadderConfig fields that decide what training keeps of the taps and side blocks, and their defaults.
+MEMORY_FIELDS = {"side_checkpointing": None, "saved_taps": "native"}
+# Bytes per tap value a trainable down-projection keeps, by LadderConfig.saved_taps (None: the backbone's dtype), and
+# per token: int8 adds an fp32 scale; "cpu" keeps nothing on the device.
+TAP_VALUE_BYTES = {"native": None, "int8": 1, "cpu": 0}
+TAP_TOKEN_BYTES = {"native": 0, "int8": 4, "cpu": 0}
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,22 @@ class Side:
     plan: ConnectionPlan
     shape: Shape  # one side block; `layers` is the number of blocks
     gate: Union[str, float]
+    side_checkpointing: Optional[bool] = None
+    saved_taps: str = "native"
 
     @property
     def taps(self) -> int:
         return len(self.plan.tap_indices)
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether training recomputes the side blocks (`LadderSideNetwork.checkpoints_blocks`)."""
+        return self.shape.layers > 1 if self.side_checkpointing is None else self.side_checkpointing
+
+    def tap_bytes(self, d: int, b: int) -> int:
+        """Bytes per token one trainable down-projection keeps of its (d,) tap on a `b`-byte-float backbone."""
+        value = TAP_VALUE_BYTES[self.saved_taps]
+        return (b if value is None else value) * d + TAP_TOKEN_BYTES[self.saved_taps]
 
 
 def transformers_config(config):
@@ -110,20 +128,27 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
 
     Starts from the method's connections and LadderConfig's defaults; `ladder_config` (a `LadderConfig`, or any
     object with some of its fields) and then keyword `fields` that are not None override reduction_factor,
-    side_layers, connections, xladder_depth and gate."""
-    unknown = sorted(set(fields) - set(SIDE_FIELDS))
+    side_layers, connections, xladder_depth, gate, side_checkpointing and saved_taps."""
+    known = {**SIDE_FIELDS, **MEMORY_FIELDS}
+    unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise ValueError(f"{unknown} are not side-network fields; the planner reads {sorted(SIDE_FIELDS)}.")
-    chosen = {**SIDE_FIELDS, "connections": method.connections}
-    chosen.update((name, value) for name, value in method.ladder_options if name in SIDE_FIELDS)
+        raise ValueError(f"{unknown} are not side-network fields; the planner reads {sorted(known)}.")
+    chosen = {**known, "connections": method.connections}
+    chosen.update((name, value) for name, value in method.ladder_options if name in known)
     if ladder_config is not None:
-        chosen.update({name: getattr(ladder_config, name, chosen[name]) for name in SIDE_FIELDS})
+        chosen.update({name: getattr(ladder_config, name, chosen[name]) for name in known})
     chosen.update((name, value) for name, value in fields.items() if value is not None)
     text_config = transformers_config(config)
     layers = int(text_config.num_hidden_layers)
     plan = resolve_plan(chosen["connections"], layers, chosen["side_layers"], chosen["xladder_depth"])
     blocks = side_config(text_config, layers, plan.side_blocks, chosen["reduction_factor"])
-    return Side(plan=plan, shape=replace(Shape.from_config(blocks), layers=plan.side_blocks), gate=chosen["gate"])
+    return Side(
+        plan=plan,
+        shape=replace(Shape.from_config(blocks), layers=plan.side_blocks),
+        gate=chosen["gate"],
+        side_checkpointing=chosen["side_checkpointing"],
+        saved_taps=chosen["saved_taps"],
+    )
 
 
 def linear_params(shape: Shape) -> int:
@@ -204,28 +229,32 @@ def saved_activations(
         layer = _lora_layer_saved(shape, b, autocast)
         per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
         recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
-    elif autocast and not spec.side_in_backbone_dtype:
-        # fp32 side network under bf16 autocast: each tap's fp32 copy is cast back to a bf16 copy, which is kept
-        tap_bytes = 0 if spec.freeze_down else 2 * d
-        mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0
-        ds = side.shape.hidden
-        per_token = (
-            side.taps * tap_bytes
-            + side.shape.layers * _side_block_saved_autocast(side.shape)
-            + mixes * 2 * 2 * ds
-            + 8 * ds  # the side's final norm (fp32 input, bf16 normed copy) and the up-projection's bf16 input
-        )
     else:
-        s = b if spec.side_in_backbone_dtype else 4
-        tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
-        mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
-        per_token = (
-            side.taps * tap_bytes
-            + side.shape.layers * _side_block_saved(side.shape, s)
-            + mixes * 2 * s * side.shape.hidden
-            + 2 * 4 * d
-        )
+        per_token, recompute = _side_saved(side, spec, tokens, d, b, autocast)
     return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
+
+
+def _side_saved(side: Side, spec: Method, tokens: int, d: int, b: int, autocast: bool) -> tuple[int, int]:
+    """(bytes per token a Ladder step keeps for backward, bytes the side blocks' recompute adds during backward).
+
+    Taps: each trainable down-projection keeps its tap as `saved_taps` says (taps.py), never an fp32 copy. Side
+    blocks: all their activations, or with checkpointing each block's input, and one block rebuilt in backward."""
+    fp32_under_autocast = autocast and not spec.side_in_backbone_dtype
+    s = b if spec.side_in_backbone_dtype else 4  # the side network's dtype
+    stream = 2 if fp32_under_autocast else s  # the side stream between blocks: bf16 under autocast
+    block = _side_block_saved_autocast(side.shape) if fp32_under_autocast else _side_block_saved(side.shape, s)
+    ds = side.shape.hidden
+    recompute = 0
+    if side.checkpointed:
+        blocks = side.shape.layers * stream * ds
+        recompute = tokens * (block + 2 * stream * ds)  # one block's activations, plus gradients in flight
+    else:
+        blocks = side.shape.layers * block
+    taps = 0 if spec.freeze_down else side.taps * side.tap_bytes(d, b)
+    mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
+    # the side's final norm and the up-projection's input (under autocast its fp32 input and a bf16 normed copy)
+    head = 8 * ds if fp32_under_autocast else 2 * 4 * d
+    return taps + blocks + mixes * 2 * stream * ds + head, recompute
 
 
 def optimizer_state(optimizer: str, trainable: int, vectors: int, param_bytes: int) -> float:

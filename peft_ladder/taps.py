@@ -100,12 +100,12 @@ class TapLinear(nn.Linear):
     saved_taps: SavedTaps = "native"
 
     def forward(self, tap: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(tap.device, self.weight.dtype)
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
-        if not trains:
-            return F.linear(tap.to(self.weight.dtype), self.weight, self.bias)  # no_grad, frozen: nothing to keep
+        if not trains or self.weight.is_meta:  # no_grad, frozen, or empty weights (raises later): nothing to keep
+            return F.linear(tap.to(self.weight.dtype), self.weight, self.bias)
         if self.saved_taps == "cpu" and tap.device.type != "cuda":
             raise cpu_offload_error(tap.device)
+        dtype = _compute_dtype(tap.device, self.weight.dtype)
         with torch.autocast(tap.device.type, enabled=False):  # `dtype` already is what autocast would pick
             return _TapLinearFunction.apply(tap, self.weight, self.bias, dtype, self.saved_taps)
 

@@ -85,7 +85,7 @@ def test_backbone_save_probe_sees_a_backbone_that_runs_with_grad(checkpointing):
         assert probe.bytes > 0
 
 
-def test_gradient_checkpointing_changes_no_weight_and_saves_less(tmp_path):
+def test_gradient_checkpointing_changes_no_weight_and_no_saved_byte(tmp_path):
     results = {}
     for checkpointing in (False, True):
         model = ladder(seed=0)
@@ -105,7 +105,8 @@ def test_gradient_checkpointing_changes_no_weight_and_saves_less(tmp_path):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert checkpointed_bytes < plain_bytes  # only side-block activations can be dropped: the backbone keeps none
+    # LadderConfig.side_checkpointing alone decides about the side blocks, and the backbone keeps nothing anyway.
+    assert checkpointed_bytes == plain_bytes
 
 
 def test_checkpoints_hold_only_the_adapter_and_the_final_adapter_reloads_identically(tmp_path):
