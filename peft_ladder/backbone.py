@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from torch import nn
 
-from .encdec import EncoderStack, find_encoder_decoder
+if TYPE_CHECKING:
+    from .encdec import EncoderStack
 
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "final_layernorm")
 SUPPORTED = (
@@ -80,6 +81,8 @@ def find_backbone(model: nn.Module) -> Backbone:
             f"Ladder needs a transformers model with a `.config`; got {type(model).__name__}. Supported: {SUPPORTED}."
         )
     if getattr(config, "is_encoder_decoder", False):
+        from .encdec import find_encoder_decoder  # encdec builds on this module
+
         return find_encoder_decoder(model, SUPPORTED)
     text_config = config.get_text_config(decoder=True)
     num_layers = getattr(text_config, "num_hidden_layers", None)

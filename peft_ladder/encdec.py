@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .backbone import Backbone, base_module, side_config
+from .layer import BackboneGuard, ForwardState, _not_recorded, _to_side
 from .side_network import BlockRunner, LadderSideNetwork
 
 # model_type -> what its encoder-decoder wiring was tested on; other families are refused (their layer signatures and
@@ -63,7 +65,6 @@ class EncoderStack:
     name: str  # the encoder module (`encoder`, `model.encoder`), where the EncoderGuard sits
     layer_names: tuple[str, ...]
     config: object  # the encoder's config (T5: is_decoder=False)
-    hidden_size: int
 
     @property
     def num_layers(self) -> int:
@@ -78,10 +79,8 @@ def side_memory_key(adapter_name: str) -> str:
 # --- finding the two stacks -----------------------------------------------------------------------------------------
 
 
-def find_encoder_decoder(model: nn.Module, supported: str):
+def find_encoder_decoder(model: nn.Module, supported: str) -> Backbone:
     """The `Backbone` of an encoder-decoder model: the decoder's layers and fusion point, with `encoder` filled."""
-    from .backbone import Backbone, base_module
-
     config = model.config
     if config.model_type not in SEQ2SEQ_TYPES:
         raise ValueError(
@@ -96,7 +95,7 @@ def find_encoder_decoder(model: nn.Module, supported: str):
     encoder_layers = _layer_names(names, base_module(encoder))
     decoder_layers = _layer_names(names, base_module(decoder))
     decoder_config = base_module(decoder).config
-    stack = EncoderStack(encoder_name, encoder_layers, base_module(encoder).config, int(config.d_model))
+    stack = EncoderStack(encoder_name, encoder_layers, base_module(encoder).config)
     frozen = (encoder_name, decoder_name, names[id(model.get_input_embeddings())])
     norm = getattr(base_module(decoder), "final_layer_norm", None)
     if isinstance(norm, nn.Module):  # T5: pre-norm, ends with a final norm
@@ -117,8 +116,6 @@ def _layer_names(names: dict[int, str], stack: nn.Module) -> tuple[str, ...]:
 
 def seq2seq_side_config(config, num_layers: int, side_blocks: int, reduction_factor: int):
     """One stack's config at side width; `side_config` does the width and heads, this the enc-dec field names."""
-    from .backbone import side_config
-
     side = side_config(config, num_layers, side_blocks, reduction_factor)
     heads = int(side.num_attention_heads)
     for name in ("encoder_attention_heads", "decoder_attention_heads"):  # BART: one field per stack
@@ -174,8 +171,6 @@ class LadderSeq2SeqSide(LadderSideNetwork):
 
 def build_side(model: nn.Module, backbone, plans: tuple, config, side_configs: tuple) -> LadderSeq2SeqSide:
     """The side encoder and decoder for `backbone` (`plans`, `side_configs`: encoder's, then decoder's)."""
-    from .backbone import base_module
-
     encoder_plan, decoder_plan = plans
     encoder_config, decoder_config = side_configs
     encoder_cls = type(base_module(model.get_submodule(backbone.encoder.layer_names[0])))
@@ -256,19 +251,16 @@ def side_block_inputs(side: nn.Module, args: tuple, kwargs: dict, memory: Option
     return tuple(args), kwargs
 
 
-def make_state_class(base: type) -> type:
+class Seq2SeqState(ForwardState):
     """`ForwardState` for an encoder-decoder: it also holds the side memory between the encoder and the decoder."""
 
-    class Seq2SeqState(base):
-        def __init__(self) -> None:
-            self.memory: Optional[torch.Tensor] = None  # the active adapter's side memory during a model forward
-            self.in_model_forward = False
-            super().__init__()
+    def __init__(self) -> None:
+        self.memory: Optional[torch.Tensor] = None  # the active adapter's side memory, during a model forward only
+        self.in_model_forward = False
+        super().__init__()
 
-        def record_block_inputs(self, args: tuple, kwargs: dict) -> None:
-            super().record_block_inputs(*side_block_inputs(self.side, args, kwargs, self.memory))
-
-    return Seq2SeqState
+    def record_block_inputs(self, args: tuple, kwargs: dict) -> None:
+        super().record_block_inputs(*side_block_inputs(self.side, args, kwargs, self.memory))
 
 
 class EncoderGuard:
@@ -303,8 +295,6 @@ class EncoderGuard:
             torch.set_grad_enabled(False)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        from .layer import _not_recorded, _to_side
-
         grad_enabled, self._grad_enabled = self._grad_enabled, None
         if grad_enabled:
             torch.set_grad_enabled(True)
@@ -346,7 +336,7 @@ class EncoderGuard:
             handle.remove()
 
 
-def install_guards(model: nn.Module, fusion: nn.Module, backbone):
+def install_guards(model: nn.Module, fusion: nn.Module, backbone: Backbone) -> BackboneGuard:
     """The decoder's `BackboneGuard` and the `EncoderGuard`, once per model; `unload()` removes both.
 
     T5's guard sits on the decoder (the final norm's parent). BART's fusion layer wraps the decoder itself, and the

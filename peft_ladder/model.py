@@ -117,7 +117,7 @@ class AdapterSetup:
             encdec.seq2seq_side_config(backbone.config, backbone.num_layers, plan.side_blocks, r),
             reference_layer_index(backbone.config, backbone.num_layers),
             targets,
-            state or encdec.make_state_class(ForwardState)(),
+            state or encdec.Seq2SeqState(),
             None,
             encoder_plan=encoder_plan,
             encoder_side_config=encdec.seq2seq_side_config(stack.config, stack.num_layers, encoder_plan.side_blocks, r),
@@ -260,9 +260,8 @@ class LadderModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> None:
         # Adapters added later (add_adapter, load_adapter) reuse the guard installed here; unload() removes it.
         name, fusion = next((n, m) for n, m in model.named_modules() if isinstance(m, LadderFusionLayer))
-        backbone = find_backbone(model)
-        if backbone.encoder is not None:
-            self.guard = encdec.install_guards(model, fusion, backbone)
+        if getattr(model.config, "is_encoder_decoder", False):
+            self.guard = encdec.install_guards(model, fusion, find_backbone(model))
         else:
             decoder = model.get_submodule(name.rpartition(".")[0])  # the final norm's parent
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
