@@ -1,5 +1,8 @@
 """Finding the parts Ladder needs in a decoder-only or encoder-only transformers model, without per-model code.
 
+Encoder-decoder models (T5, BART) are found by `encdec.find_encoder_decoder`: a `Backbone` of the decoder, with its
+`encoder` half filled in.
+
 Ladder needs three things from a backbone: the `nn.ModuleList` of layers (each gets a no-grad tap), the fusion point
 (where the side output joins the last hidden state), and the layer config (to build side blocks from the backbone's
 own layer class at a reduced width).
