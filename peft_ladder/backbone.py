@@ -1,5 +1,8 @@
 """Finding the parts Ladder needs in a decoder-only or encoder-only transformers model, without per-model code.
 
+Encoder-decoder models (T5, BART) are found by `encdec.find_encoder_decoder`: a `Backbone` of the decoder, with its
+`encoder` half filled in.
+
 Ladder needs three things from a backbone: the `nn.ModuleList` of layers (each gets a no-grad tap), the fusion point
 (where the side output joins the last hidden state), and the layer config (to build side blocks from the backbone's
 own layer class at a reduced width).
@@ -21,16 +24,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Optional
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .encdec import EncoderStack
 
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "final_layernorm")
 SUPPORTED = (
     "decoder-only transformers models whose decoder keeps its layers in one nn.ModuleList and ends with a final norm "
-    "(tested: Llama, Qwen2, Qwen3, Mistral, Gemma3 text, OPT, GPT-2), and encoder-only models whose encoder keeps its "
-    "layers in one nn.ModuleList (tested: BERT, RoBERTa, ModernBERT); encoder-decoder models (T5, BART) are not "
-    "supported yet"
+    "(tested: Llama, Qwen2, Qwen3, Mistral, Gemma3 text, OPT, GPT-2), encoder-only models whose encoder keeps its "
+    "layers in one nn.ModuleList (tested: BERT, RoBERTa, ModernBERT), and the encoder-decoder families T5 and BART "
+    "(SEQ_2_SEQ_LM); other encoder-decoder families (mT5, mBART, Pegasus, Marian, ...) are refused as untested"
 )
 Fusion = Literal["norm_input", "output"]  # add the side output to the fusion module's input (a final norm) or output
 # Families whose attention derives the head size from the width (hidden_size / num_attention_heads) and ignores
@@ -51,6 +57,8 @@ class Backbone:
     # The modules that run without grad before the fusion point (`modules_to_save` may not name anything inside):
     # the whole decoder for a norm fusion; a post-norm encoder's embeddings and layer holder, not its pooler.
     frozen_names: tuple[str, ...] = ()
+    # An encoder-decoder's encoder half (encdec.py); the fields above then describe its decoder.
+    encoder: Optional[EncoderStack] = None
 
     @property
     def num_layers(self) -> int:
@@ -76,9 +84,9 @@ def find_backbone(model: nn.Module) -> Backbone:
             f"Ladder needs a transformers model with a `.config`; got {type(model).__name__}. Supported: {SUPPORTED}."
         )
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder model ({config.model_type}); Ladder supports {SUPPORTED}."
-        )
+        from .encdec import find_encoder_decoder  # encdec builds on this module
+
+        return find_encoder_decoder(model, SUPPORTED)
     text_config = config.get_text_config(decoder=True)
     num_layers = getattr(text_config, "num_hidden_layers", None)
     for name, module in model.named_modules():

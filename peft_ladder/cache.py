@@ -7,12 +7,21 @@ select, reset) applies to every slot, so the side stream stays aligned with the 
 
 from __future__ import annotations
 
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    DynamicCache,
+    EncoderDecoderCache,
+    get_layer_types_and_kwargs,
+)
 
 
 def reserve_side_slots(cache, side_config) -> None:
     """Make sure `cache` has a layer slot for every side block (`side_config.num_hidden_layers` slots in all)."""
     if cache is None:
+        return
+    if isinstance(cache, EncoderDecoderCache):  # encoder-decoders: self- and cross-attention slots (encdec.py)
+        reserve_side_slots(cache.self_attention_cache, side_config)
+        reserve_side_slots(cache.cross_attention_cache, side_config)
         return
     if not isinstance(cache, DynamicCache):
         raise NotImplementedError(

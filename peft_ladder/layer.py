@@ -267,9 +267,9 @@ class LadderFusionLayer(LadderLayer):
             return None
         return self.ladder_side[self.active_adapters[0]] if self.active_adapters[0] in self.ladder_side else None
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.at_output:
-            return self._fuse_output(hidden_states, *args, **kwargs)
+    def forward(self, hidden_states: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> Any:
+        if self.at_output:  # a layer holder, maybe called with keywords only (BART's decoder)
+            return self._fuse_output(*(() if hidden_states is None else (hidden_states,)), *args, **kwargs)
         side = self.active_side()
         taps, block_args, block_kwargs = self.forward_state.take()  # keep nothing alive between steps
         if side is None or not taps:

@@ -32,6 +32,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import encdec
 from ._registration import LADDER_PREFIX
 from .backbone import Backbone, base_module, find_backbone, reference_layer_index, side_config
 from .config import LadderConfig
@@ -61,6 +62,11 @@ class AdapterSetup:
     state: ForwardState  # shared by all Ladder layers of the model
     tokens: Optional[TokenTargets]  # LadderConfig.trainable_token_indices on this model (tokens.py)
     side: Optional[LadderSideNetwork] = None  # built by the first `_create_and_replace`, inside PEFT's init context
+    # Encoder-decoders (encdec.py): the encoder's plan and side config, and the encoder layers' names.
+    encoder_plan: Optional[ConnectionPlan] = None
+    encoder_side_config: object = None
+    encoder_targets: frozenset[str] = frozenset()
+    reference_names: frozenset[str] = frozenset()  # the layers whose attention inputs the side blocks reuse
 
     @classmethod
     def resolve(cls, model: nn.Module, config: LadderConfig) -> AdapterSetup:
@@ -72,11 +78,16 @@ class AdapterSetup:
                 f"({type(model).__name__}): the quantizer would also turn the classifier head that modules_to_save "
                 "trains into 4-bit weights. Set quantization=None."
             )
-        check_modules_to_save(model, config.modules_to_save, backbone.frozen_names, backbone.kind)
+        if backbone.encoder is not None:
+            encdec.check_config(model, config)
+        kind = "encoder-decoder" if backbone.encoder is not None else backbone.kind
+        check_modules_to_save(model, config.modules_to_save, backbone.frozen_names, kind)
         plan = resolve_plan(config.connections, backbone.num_layers, config.side_layers, config.xladder_depth)
         targets: dict[str, Optional[int]] = {name: i for i, name in enumerate(backbone.layer_names)}
         targets[backbone.norm_name] = None
         existing = (m.forward_state for m in model.modules() if isinstance(m, LadderLayer))
+        if backbone.encoder is not None:
+            return cls._resolve_seq2seq(model, config, backbone, plan, targets, next(existing, None))
         shrunk = side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor)
         quantized = config.quantization is not None or describe(model) is not None
         check_supported(backbone, shrunk, config.side_init, quantized)
@@ -89,6 +100,29 @@ class AdapterSetup:
             targets,
             next(existing, None) or ForwardState(),
             tokens,
+        )
+        setup.reference_names = frozenset({backbone.layer_names[setup.reference_index]})
+        setup.check_saved_weights(model, config)
+        return setup
+
+    @classmethod
+    def _resolve_seq2seq(cls, model, config, backbone, plan, targets, state) -> AdapterSetup:
+        """Encoder-decoders: a plan and side config per stack, the encoder's layers tapped too (encdec.py)."""
+        stack, r = backbone.encoder, config.reduction_factor
+        encoder_plan = resolve_plan(config.connections, stack.num_layers, config.side_layers, config.xladder_depth)
+        targets.update({name: i for i, name in enumerate(stack.layer_names)})
+        setup = cls(
+            backbone,
+            plan,
+            encdec.seq2seq_side_config(backbone.config, backbone.num_layers, plan.side_blocks, r),
+            reference_layer_index(backbone.config, backbone.num_layers),
+            targets,
+            state or encdec.Seq2SeqState(),
+            None,
+            encoder_plan=encoder_plan,
+            encoder_side_config=encdec.seq2seq_side_config(stack.config, stack.num_layers, encoder_plan.side_blocks, r),
+            encoder_targets=frozenset(stack.layer_names),
+            reference_names=frozenset({backbone.layer_names[-1], stack.layer_names[-1]}),
         )
         setup.check_saved_weights(model, config)
         return setup
@@ -103,6 +137,9 @@ class AdapterSetup:
             check_saved_tensors(shapes, expected, folder, layers, config, "The base model is unchanged.")
 
     def build_side(self, model: nn.Module, config: LadderConfig) -> LadderSideNetwork:
+        if self.backbone.encoder is not None:
+            plans, configs = (self.encoder_plan, self.plan), (self.encoder_side_config, self.side_config)
+            return encdec.build_side(model, self.backbone, plans, config, configs)
         block_cls = type(base_module(model.get_submodule(self.backbone.layer_names[0])))
         return LadderSideNetwork(
             self.plan,
@@ -122,6 +159,11 @@ class AdapterSetup:
             prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
             self.side.set_memory_options(config.side_checkpointing, config.saved_taps)
         return self.side
+
+    def tap_side(self, name: str, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:
+        """The side network that reads the taps of layer `name`: an encoder-decoder's encoder taps feed its encoder."""
+        side = self.side_network(model, config, adapter_name)
+        return side.encoder if name in self.encoder_targets else side
 
 
 class LadderModel(BaseTuner):
@@ -197,16 +239,16 @@ class LadderModel(BaseTuner):
             at_output = setup.backbone.fusion == "output"
             target = self._swap(parent, target_name, LadderFusionLayer(target, setup.state, at_output))
         elif layer_index is not None and not isinstance(target, LadderTapLayer):
-            reference = layer_index == setup.reference_index
+            reference = current_key in setup.reference_names
             target = self._swap(parent, target_name, LadderTapLayer(target, layer_index, setup.state, reference))
-        target.update_layer(adapter_name, setup.side_network(self.model, peft_config, adapter_name))
+        target.update_layer(adapter_name, setup.tap_side(current_key, self.model, peft_config, adapter_name))
         if layer_index is None and target.at_output:
             # A post-norm encoder's taps sit inside its fusion layer (`bert.encoder`), and PEFT skips the modules
             # inside an existing tuner layer: adapters after the first reach the taps from here.
             for name, index in setup.targets.items():
                 tap = self.model.get_submodule(name) if index is not None else None
                 if isinstance(tap, LadderTapLayer):
-                    tap.update_layer(adapter_name, setup.side)
+                    tap.update_layer(adapter_name, setup.tap_side(name, self.model, peft_config, adapter_name))
 
     def _swap(self, parent: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
         self._replace_module(parent, name, new_module, new_module.base_layer)
@@ -219,9 +261,12 @@ class LadderModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> None:
         # Adapters added later (add_adapter, load_adapter) reuse the guard installed here; unload() removes it.
         name, fusion = next((n, m) for n, m in model.named_modules() if isinstance(m, LadderFusionLayer))
-        decoder = model.get_submodule(name.rpartition(".")[0])  # the final norm's parent
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.guard = fusion.install_guard(decoder, model.get_input_embeddings(), head)
+        if getattr(model.config, "is_encoder_decoder", False):
+            self.guard = encdec.install_guards(model, fusion, find_backbone(model))
+        else:
+            decoder = model.get_submodule(name.rpartition(".")[0])  # the final norm's parent
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            self.guard = fusion.install_guard(decoder, model.get_input_embeddings(), head)
         # PEFT's model card lists the base model's tags: mark the adapter as a Ladder one on the Hub.
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(list(MODEL_TAGS))
@@ -232,6 +277,9 @@ class LadderModel(BaseTuner):
         # Training with labels: the loss over token chunks without the full logits (LadderConfig.loss_chunk_size,
         # loss.py), the same loss and gradients. Anything else, or a model whose loss the chunks would not reproduce,
         # runs the model's own forward unchanged.
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            # Called, not `.forward`: the EncoderGuard's model hooks carry the side memory (encdec.py).
+            return self.model(*args, **kwargs)
         side = self.guard.fusion.active_side() if self.guard is not None else None
         tokens = side.tokens if side is not None else None
         if tokens is not None and kwargs.get("fused_lm_head"):

@@ -139,6 +139,48 @@ ENCODER_TASKS = {
 }
 ENCODER_LABELS = 3
 
+# Encoder-decoder backbones for SEQ_2_SEQ_LM (tests/test_encdec.py): a parallel table, as for encoders. The encoder
+# has 3 layers and the decoder 2, so nothing may assume equal depths. "t5" is the original T5 (ReLU, tied embeddings,
+# the LM head's input scaled by d_model**-0.5), "flan-t5" the T5 v1.1 / Flan-T5 form (gated GELU, untied head),
+# "bart" a post-norm model with learned positions and no final norm.
+SEQ2SEQ_ARCHS = {
+    "t5": lambda: tf.T5Config(
+        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2, vocab_size=VOCAB
+    ),
+    "flan-t5": lambda: tf.T5Config(
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_heads=4,
+        num_layers=3,
+        num_decoder_layers=2,
+        vocab_size=VOCAB,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
+    "bart": lambda: tf.BartConfig(
+        d_model=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_layers=3,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        forced_eos_token_id=None,
+    ),
+}
+
+
+def tiny_seq2seq(arch: str = "t5", seed: int = 0):
+    """A tiny encoder-decoder LM (SEQ2SEQ_ARCHS): pad 0, eos 1, generation starts from token 2."""
+    config = SEQ2SEQ_ARCHS[arch]()
+    config.pad_token_id, config.eos_token_id, config.bos_token_id, config.decoder_start_token_id = 0, 1, 2, 2
+    torch.manual_seed(seed)
+    return tf.AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 # A test that needs bitsandbytes carries the tier marker and this clean skip where it is not installed.
 requires_bitsandbytes = pytest.mark.skipif(

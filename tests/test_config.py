@@ -92,15 +92,24 @@ def test_every_field_has_help_text():
 
 
 def test_unsupported_architectures_get_a_clear_error():
-    t5 = tf.T5ForConditionalGeneration(
-        tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0)
+    pegasus = tf.PegasusForConditionalGeneration(
+        tf.PegasusConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            vocab_size=64,
+        )
     )
     with pytest.raises(
         ValueError,
-        match=r"T5ForConditionalGeneration is an encoder-decoder model \(t5\); Ladder "
-        r"supports decoder-only",
+        match=r"PegasusForConditionalGeneration is an encoder-decoder model of type 'pegasus', which Ladder has not "
+        r"been tested on; Ladder supports decoder-only",
     ):
-        get_peft_model(t5, LadderConfig(task_type="SEQ_2_SEQ_LM"))
+        get_peft_model(pegasus, LadderConfig(task_type="SEQ_2_SEQ_LM"))
     no_norm = tf.LlamaForCausalLM(
         tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64)
     )

@@ -289,11 +289,3 @@ def test_quantization_is_refused_on_encoders_before_the_model_is_touched():
         get_peft_model(model, config)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     assert not any("4bit" in type(m).__name__ for m in model.modules())
-
-
-def test_encoder_decoder_models_are_refused_with_what_is_supported():
-    import transformers as tf
-
-    config = tf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, vocab_size=VOCAB, d_kv=16)
-    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration is an encoder-decoder model \(t5\).*BERT"):
-        get_peft_model(tf.T5ForConditionalGeneration(config), LadderConfig(task_type="SEQ_2_SEQ_LM"))
