@@ -26,6 +26,7 @@ SIDE_FIELDS = {
     "connections": "ladder",
     "xladder_depth": None,
     "gate": "sum",
+    "down_rank": None,
 }
 
 
@@ -86,10 +87,16 @@ class Side:
     plan: ConnectionPlan
     shape: Shape  # one side block; `layers` is the number of blocks
     gate: Union[str, float]
+    down_rank: Optional[int] = None  # LadderConfig.down_rank: low-rank down-projections d -> k -> d_s
 
     @property
     def taps(self) -> int:
         return len(self.plan.tap_indices)
+
+    def down_mid_bytes(self, s: int) -> int:
+        """Bytes per token and tap a low-rank down-projection saves besides the tap: its (k,) middle, in `s`-byte
+        floats, for the second Linear's weight gradient."""
+        return 0 if self.down_rank is None else s * self.down_rank
 
 
 def transformers_config(config):
@@ -110,7 +117,7 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
 
     Starts from the method's connections and LadderConfig's defaults; `ladder_config` (a `LadderConfig`, or any
     object with some of its fields) and then keyword `fields` that are not None override reduction_factor,
-    side_layers, connections, xladder_depth and gate."""
+    side_layers, connections, xladder_depth, gate and down_rank."""
     unknown = sorted(set(fields) - set(SIDE_FIELDS))
     if unknown:
         raise ValueError(f"{unknown} are not side-network fields; the planner reads {sorted(SIDE_FIELDS)}.")
@@ -123,7 +130,8 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
     layers = int(text_config.num_hidden_layers)
     plan = resolve_plan(chosen["connections"], layers, chosen["side_layers"], chosen["xladder_depth"])
     blocks = side_config(text_config, layers, plan.side_blocks, chosen["reduction_factor"])
-    return Side(plan=plan, shape=replace(Shape.from_config(blocks), layers=plan.side_blocks), gate=chosen["gate"])
+    block = replace(Shape.from_config(blocks), layers=plan.side_blocks)
+    return Side(plan=plan, shape=block, gate=chosen["gate"], down_rank=chosen["down_rank"])
 
 
 def linear_params(shape: Shape) -> int:
@@ -141,7 +149,8 @@ def quantized_bytes(params: int, rows: int, kind: Optional[str], dtype_bytes: in
 def side_params(shape: Shape, side: Side, method: Method) -> tuple[int, int]:
     """(trainable side parameters, frozen down-projection parameters), counted as `LadderSideNetwork` builds them."""
     d, ds = shape.hidden, side.shape.hidden
-    down = side.taps * (d * ds + ds)
+    k = side.down_rank
+    down = side.taps * ((d * ds if k is None else k * (d + ds)) + ds)  # Linear(d, d_s) or d -> k (no bias) -> d_s
     block = linear_params(side.shape) + 2 * ds
     gates = len(side.plan.block_to_layer) if side.gate == "learned" else 0
     trainable = side.shape.layers * block + ds + ds * d + gates + (0 if method.freeze_down else down)
@@ -206,7 +215,7 @@ def saved_activations(
         recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
     elif autocast and not spec.side_in_backbone_dtype:
         # fp32 side network under bf16 autocast: each tap's fp32 copy is cast back to a bf16 copy, which is kept
-        tap_bytes = 0 if spec.freeze_down else 2 * d
+        tap_bytes = 0 if spec.freeze_down else 2 * d + side.down_mid_bytes(2)
         mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0
         ds = side.shape.hidden
         per_token = (
@@ -218,6 +227,7 @@ def saved_activations(
     else:
         s = b if spec.side_in_backbone_dtype else 4
         tap_bytes = 0 if spec.freeze_down else (b * d if s == b else 4 * d)  # the tap, or its fp32 copy
+        tap_bytes += 0 if spec.freeze_down else side.down_mid_bytes(s)
         mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
         per_token = (
             side.taps * tap_bytes

@@ -44,6 +44,24 @@ FusionScale = Literal["rms", "rms_gain"]  # LadderConfig.fusion_scale: what the 
 FUSION_SCALES: tuple[str, ...] = get_args(FusionScale)
 
 
+def check_down_rank(down_rank: Optional[int], side_width: int, reduction_factor: int) -> None:
+    """Raise a ValueError if `down_rank` (LadderConfig.down_rank) is not below the side width it projects to."""
+    if down_rank is not None and down_rank >= side_width:
+        raise ValueError(
+            f"down_rank={down_rank} is not below the side width {side_width} (hidden size / reduction_factor="
+            f"{reduction_factor}): a rank-{down_rank} down-projection would have at least the full one's rank and "
+            f"more parameters. Use a down_rank below {side_width} (e.g. {min(16, max(1, side_width // 4))}) or None."
+        )
+
+
+def down_projection(hidden_size: int, side_width: int, down_rank: Optional[int]) -> nn.Module:
+    """One tap's down-projection: Linear(d, d_s), or with `down_rank` k QST's low-rank d -> k -> d_s
+    (Sequential(Linear(d, k, bias=False), Linear(k, d_s))): k * (d + d_s) weights instead of d * d_s."""
+    if down_rank is None:
+        return nn.Linear(hidden_size, side_width)
+    return nn.Sequential(nn.Linear(hidden_size, down_rank, bias=False), nn.Linear(down_rank, side_width))
+
+
 class LadderSideNetwork(nn.Module):
     """One adapter's side network. `project` runs at each tapped layer, `forward` at the fusion point."""
 
@@ -58,6 +76,7 @@ class LadderSideNetwork(nn.Module):
         init_weights: bool = True,
         fusion_scale: str = "rms_gain",
         tokens: Optional[TokenTargets] = None,
+        down_rank: Optional[int] = None,
     ) -> None:
         super().__init__()
         side_width = int(side_config.hidden_size)
@@ -67,7 +86,9 @@ class LadderSideNetwork(nn.Module):
         self.gate_temperature = float(gate_temperature)
         self.fusion_scale = fusion_scale
         # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).
-        self.down = nn.ModuleDict({str(index): nn.Linear(hidden_size, side_width) for index in plan.tap_indices})
+        self.down = nn.ModuleDict(
+            {str(index): down_projection(hidden_size, side_width, down_rank) for index in plan.tap_indices}
+        )
         self.blocks = nn.ModuleList(
             [block_cls(side_config, layer_idx=plan.num_layers + j) for j in range(plan.side_blocks)]
         )
