@@ -35,6 +35,7 @@ from .planner_terms import (
     saved_activations,
     side_network,
     side_params,
+    trainable_tensor_sizes,
     vector_params,
 )
 
@@ -110,7 +111,9 @@ def estimate(
         weights += frozen_down * param_bytes
     if spec.kind != "full":
         weights += trainable * param_bytes
-    state = optimizer_state(optimizer, trainable, vector_params(shape, spec, side), param_bytes)
+    sizes = trainable_tensor_sizes(shape, spec, side)
+    assert sum(sizes) == trainable  # the two counts describe one model
+    state = optimizer_state(optimizer, sizes, param_bytes)
     grads = trainable * param_bytes
 
     activations, recompute = saved_activations(shape, spec, tokens, b, side, autocast)

@@ -238,13 +238,31 @@ def saved_activations(
     return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
 
 
-def optimizer_state(optimizer: str, trainable: int, vectors: int, param_bytes: int) -> float:
-    """M2: AdamW's two states in the parameters' dtype, or bitsandbytes' 8-bit AdamW: one byte per state and value
-    plus an fp32 absmax per 256 values, and fp32 states for tensors under 4,096 values (norms, biases, gates)."""
+def optimizer_state(optimizer: str, sizes: list[int], param_bytes: int) -> float:
+    """M2 for trainable tensors of `sizes` values each: AdamW's two states in the parameters' dtype, or bitsandbytes'
+    8-bit AdamW: per tensor of at least 4,096 values one byte per state and value plus an fp32 absmax per 256
+    values; fp32 states for smaller tensors (norms, biases, gates, and small matrices; its `min_8bit_size`)."""
     if optimizer in ("adamw", "adamw_torch"):
-        return 2 * trainable * param_bytes
-    large = trainable - vectors
-    return 2 * (large * (1 + 4 / BNB_BLOCK) + vectors * 4)
+        return 2 * sum(sizes) * param_bytes
+    return sum(2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 2 * 4 * n for n in sizes)
+
+
+def trainable_tensor_sizes(shape: Shape, spec: Method, side: Optional[Side]) -> list[int]:
+    """The number of values of each trainable tensor, as the model holds them (what 8-bit AdamW decides on)."""
+    if spec.kind == "full":
+        biases = [shape.q, shape.kv, shape.kv] if shape.qkv_bias else []
+        layer = [i * o for i, o in shape.linear_shapes()] + biases + [shape.hidden] * 2
+        head = [] if shape.tied else [shape.vocab * shape.hidden]
+        return layer * shape.layers + [shape.vocab * shape.hidden, *head, shape.hidden]
+    if spec.kind == "lora":
+        return [LORA_R * n for i, o in shape.linear_shapes() for n in (i, o)] * shape.layers
+    d, block, k = shape.hidden, side.shape, side.down_rank
+    biases = [block.q, block.kv, block.kv] if block.qkv_bias else []
+    blocks = ([i * o for i, o in block.linear_shapes()] + biases + [block.hidden] * 2) * block.layers
+    down = [d * block.hidden] if k is None else [k * d, block.hidden * k]
+    downs = [] if spec.freeze_down else (down + [block.hidden]) * side.taps
+    gates = [len(side.plan.block_to_layer)] if side.gate == "learned" else []
+    return blocks + downs + [block.hidden, block.hidden * d] + gates
 
 
 def vector_params(shape: Shape, spec: Method, side: Optional[Side]) -> int:

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 import transformers as tf
-from conftest import batch, ladder, logits, tiny_causal_lm
+from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_lm
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from peft_ladder import LadderConfig
-from peft_ladder.memory import SavedTensorCounter
+from peft_ladder.memory import SavedTensorCounter, held_tensors, storage_bytes
 from peft_ladder.planner import estimate, saved_activation_bytes
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "adapter-0.1.0.dev0-llama")
@@ -214,3 +214,24 @@ def test_planner_70b_side_parameters_with_and_without_low_rank():
     assert low.activations - full.activations == middle
     # 16 bytes less per parameter (fp32 weight, gradient, two AdamW states): 10.7 GB
     assert full.total - low.total == 16 * (full.trainable_params - low.trainable_params) - middle
+
+
+@pytest.mark.bitsandbytes
+@requires_bitsandbytes
+@pytest.mark.parametrize("down_rank", [None, 16])
+def test_planner_8bit_adamw_state_follows_bitsandbytes_tensor_by_tensor(down_rank):
+    """bitsandbytes keeps fp32 state for tensors under 4,096 values: at this width the side blocks' attention
+    matrices (32 x 32) and the low-rank second factor (32 x 16) are such tensors, the first factor (16 x 256) is not."""
+    bnb = pytest.importorskip("bitsandbytes", minversion="0.50")  # its 8-bit optimizers run on CPU from 0.50
+    torch.manual_seed(0)
+    config = LadderConfig(task_type="CAUSAL_LM", down_rank=down_rank)
+    model = get_peft_model(tf.LlamaForCausalLM(_qst_sized()), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {p.numel() < 4096 for p in params} == {True, False}  # both kinds of state
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    code_books = 2 * 256 * 4  # qmap1, qmap2: one pair for all parameters
+    measured = storage_bytes(held_tensors(optimizer=optimizer)) - code_books
+    assert estimate(model.config, "ladder", optimizer="adamw_8bit", ladder_config=config).optimizer == measured
