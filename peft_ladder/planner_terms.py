@@ -212,7 +212,10 @@ def saved_activations(
     elif spec.kind == "lora":
         layer = _lora_layer_saved(shape, b, autocast)
         per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
-        recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
+        # While the recomputed layer runs backward, the gradient of the MLP down-projection's input is in flight in
+        # fp32 (PEFT casts each adapted input to fp32) and, under autocast, also as a bf16 copy.
+        in_flight = 2 * b * d + (4 + (2 if autocast else 0)) * shape.intermediate
+        recompute = tokens * (layer + in_flight) if spec.gradient_checkpointing else 0
     elif autocast and not spec.side_in_backbone_dtype:
         # fp32 side network under bf16 autocast: each tap's fp32 copy is cast back to a bf16 copy, which is kept
         tap_bytes = 0 if spec.freeze_down else 2 * d + side.down_mid_bytes(2)
