@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import requires_bitsandbytes
 
 from benchmarks.__main__ import main, parse_args
@@ -149,3 +150,14 @@ def test_precision_options_that_cannot_be_measured_are_refused(capsys, argv, mes
 
 def test_optim_is_an_alias_of_optimizer():
     assert parse_args(["--optim", "adamw_8bit", "--autocast", "bf16"]).optimizer == "adamw_8bit"
+
+
+@pytest.mark.gpu
+@pytest.mark.bitsandbytes
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: paged optimizer state is CUDA unified memory")
+def test_paged_8bit_adamw_runs_on_cuda_and_is_recorded(checkpoint):
+    spec = {**_spec(checkpoint, "ladder", ((1, 256),), optimizer="paged_adamw_8bit", autocast="bf16"), "device": "cuda"}
+    record = run_method(spec)
+    assert record["optimizer_class"] == "bitsandbytes.optim.adamw.PagedAdamW8bit"
+    (run,) = record["runs"]
+    assert "error" not in run and run["memory_method"].startswith("torch.cuda")
