@@ -9,6 +9,9 @@ d_s = d / r (see `backbone.side_config`), so attention, rotary and padding conve
  hidden[i0 + 1] --down---------+   hidden[i1 + 1]-+          (i_j: the backbone layer connected to side block j)
 ```
 
+Each `down` is a Linear(d, d_s), or with `LadderConfig.down_rank` k QST's low-rank d -> k -> d_s
+(`down_projection`): k (d + d_s) weights per tap instead of d d_s, the lever at 70B (docs/benchmarks.md).
+
 Why the side output is scaled by rms(h_L) (docs/defaults.md has the measurements): the fusion point is the input of the
 backbone's final RMS norm, where a pretrained model's residual stream is large (per-token RMS about 42 in
 SmolLM2-135M, with outliers in the thousands) and differs from model to model. An up-projection added there

@@ -66,14 +66,16 @@ def test_gradients_reach_both_factors_and_no_backbone_weight():
     }
 
 
-def test_save_and_reload_gives_the_same_outputs(tmp_path):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_and_reload_gives_the_same_outputs(tmp_path, low_cpu_mem_usage):
     model = ladder(seed=0, down_rank=RANK, init_weights=False).eval()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["down_rank"] == RANK
     weights = load_file(tmp_path / "adapter_model.safetensors")
     down = {k.split("ladder_side.", 1)[1]: tuple(v.shape) for k, v in weights.items() if ".down.2." in k}
     assert down == {"down.2.0.weight": (RANK, D), "down.2.1.weight": (SIDE, RANK), "down.2.1.bias": (SIDE,)}
-    reloaded = PeftModel.from_pretrained(tiny_causal_lm("llama"), tmp_path).eval()
+    base = tiny_causal_lm("llama")
+    reloaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage).eval()
     assert reloaded.peft_config["default"].down_rank == RANK
     assert torch.equal(logits(reloaded), logits(model))
 
