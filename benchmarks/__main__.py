@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from peft_ladder.methods import DEFAULT_METHODS, METHODS
+from peft_ladder.planner import AUTOCASTS, OPTIMIZERS
 
-from .models import MODEL_PRESETS, prepare_checkpoint
+from .models import MODEL_PRESETS, check_precision, prepare_checkpoint
 from .report import markdown_table, plot
 from .runner import environment, run_generation, run_in_subprocess, run_method
 from .validate import validate, validation_table
@@ -67,6 +68,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
+        "--optimizer",
+        "--optim",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="every method's optimizer, as TrainingArguments(optim=...) names it: adamw (torch, the default), "
+        "adamw_8bit (bitsandbytes AdamW8bit; runs on CPU from bitsandbytes 0.50) or paged_adamw_8bit (CUDA only).",
+    )
+    parser.add_argument(
+        "--autocast",
+        default="none",
+        choices=AUTOCASTS,
+        help="bf16: every method's forward and loss run under torch.autocast(device, bfloat16), as Trainer's "
+        "bf16=True does, with fp32 adapters and side network (needs --dtype bfloat16). Default none.",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -102,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    try:
+        check_precision(args.optimizer, args.autocast, args.dtype, args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.jobs > 1 and args.device.startswith("cuda"):
         parser.error("--jobs > 1 would let methods share one GPU and its memory counters; use --jobs 1 on CUDA")
     return args
@@ -140,6 +160,8 @@ def main(argv=None) -> int:
             "lr": args.lr,
             "steps": args.steps,
             "shapes": shapes,
+            "optimizer": args.optimizer,
+            "autocast": args.autocast,
         }
         methods = args.methods.split(",")
 

@@ -9,6 +9,7 @@ adds memory); gradient checkpointing is transformers' non-reentrant one. The met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -18,6 +19,7 @@ from torch import nn
 
 from peft_ladder.methods import LORA_ALPHA, LORA_R, Method
 from peft_ladder.options import enable_activation_checkpointing
+from peft_ladder.planner import AUTOCASTS, OPTIMIZERS
 from peft_ladder.quantization import as_bitsandbytes_config
 
 # Built-in models (transformers configs, random weights): no download needed.
@@ -153,6 +155,55 @@ def build(model_dir: str, method: Method, dtype: torch.dtype, device: torch.devi
                 if ".ladder_side." in name and ".down." in name:
                     param.requires_grad_(False)
     return model.train()
+
+
+def check_precision(optimizer: str, autocast: str, dtype: str, device: str) -> None:
+    """Raise a ValueError if the benchmark cannot run or the planner cannot model these options (`--optimizer`,
+    `--autocast`): each error names the option, the value and what to use instead."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
+    if autocast not in AUTOCASTS:
+        raise ValueError(f"autocast={autocast!r} is unknown; choose one of {', '.join(AUTOCASTS)}.")
+    if autocast == "bf16" and dtype != "bfloat16":
+        raise ValueError(
+            f"autocast='bf16' with dtype={dtype!r}: the benchmark measures Trainer's bf16=True on a bf16 backbone "
+            "(fp32 adapters and side network computed in bf16), which is what the planner models; use --dtype bfloat16."
+        )
+    if optimizer == "paged_adamw_8bit" and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"optimizer='paged_adamw_8bit' on device={device!r}: paged optimizer state lives in CUDA unified memory, "
+            "and on CPU bitsandbytes falls back to plain 8-bit AdamW (the same bytes). Use --optimizer adamw_8bit on "
+            "CPU, or run on a CUDA device."
+        )
+
+
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    """The optimizer `TrainingArguments(optim=name)` builds: torch's AdamW, or bitsandbytes' (paged) 8-bit AdamW
+    (blockwise 8-bit state; its CPU kernels need bitsandbytes >= 0.50). Trainer's default betas, eps and weight
+    decay 0."""
+    if name in ("adamw", "adamw_torch"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    from packaging.version import Version
+
+    from peft_ladder.quantization import bitsandbytes_version
+
+    version = bitsandbytes_version()
+    if version is None or Version(version) < Version("0.50"):
+        raise ImportError(
+            f"--optimizer {name} needs bitsandbytes >= 0.50 (its 8-bit optimizers run on CPU from 0.50); found "
+            f"{version or 'none'}. Run: pip install 'bitsandbytes>=0.50', or use --optimizer adamw."
+        )
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=0.0)
+
+
+def precision_context(autocast: str, device: torch.device):
+    """What Trainer wraps the forward and the loss in: `torch.autocast(device, bfloat16)` for bf16=True."""
+    if autocast == "bf16":
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def external_chunk_size(method: Method) -> Optional[int]:

@@ -26,7 +26,7 @@ from peft_ladder.loss import chunked_causal_lm_forward
 from peft_ladder.memory import held_tensors, measure_training_step, storage_bytes
 from peft_ladder.methods import METHODS
 
-from .models import build, external_chunk_size
+from .models import build, check_precision, external_chunk_size, make_optimizer, precision_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: workers run `-m benchmarks`
 
@@ -37,19 +37,26 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, device, seed: int
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
 
 
-def train_step(model, batch: dict, optimizer, chunk_size: Optional[int]) -> float:
+def train_step(model, batch: dict, optimizer, chunk_size: Optional[int], autocast: str = "none") -> float:
     """One unmeasured step (warm-up and timing), the same work `measure_training_step` does."""
-    loss = _loss_fn(chunk_size)(model, batch)
+    loss = _loss_fn(chunk_size, autocast)(model, batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach().float().item()
 
 
-def _loss_fn(chunk_size: Optional[int]):
-    if chunk_size is None:
-        return lambda model, batch: model(**batch).loss  # the output (and its logits) is dropped before backward
-    return lambda model, batch: chunked_causal_lm_forward(model, chunk_size, **batch).loss
+def _loss_fn(chunk_size: Optional[int], autocast: str = "none"):
+    """The step's forward and loss; with `autocast="bf16"` inside `torch.autocast`, as Trainer's bf16=True runs
+    them (backward and the optimizer step outside it)."""
+
+    def loss_fn(model, batch):
+        with precision_context(autocast, next(model.parameters()).device):
+            if chunk_size is None:
+                return model(**batch).loss  # the output (and its logits) is dropped before backward
+            return chunked_causal_lm_forward(model, chunk_size, **batch).loss
+
+    return loss_fn
 
 
 class Clock:
@@ -66,15 +73,18 @@ class Clock:
         return time.process_time()
 
 
-def measure(model, optimizer, batch: dict, steps: int, chunk_size: Optional[int], device: torch.device) -> dict:
+def measure(
+    model, optimizer, batch: dict, steps: int, chunk_size: Optional[int], device: torch.device, autocast: str = "none"
+) -> dict:
     clock = Clock(device)
-    train_step(model, batch, optimizer, chunk_size)  # warm-up: optimizer state appears
+    train_step(model, batch, optimizer, chunk_size, autocast)  # warm-up: optimizer state appears
     times = []
     for _ in range(steps):
         start = clock.now()
-        train_step(model, batch, optimizer, chunk_size)
+        train_step(model, batch, optimizer, chunk_size, autocast)
         times.append(clock.now() - start)
-    step = measure_training_step(model, optimizer, batch, device=device, loss_fn=_loss_fn(chunk_size))
+    loss_fn = _loss_fn(chunk_size, autocast)
+    step = measure_training_step(model, optimizer, batch, device=device, loss_fn=loss_fn)
     median = statistics.median(times)
     tokens = batch["input_ids"].numel()
     return {
@@ -101,13 +111,19 @@ def run_method(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     model = build(spec["model_dir"], method, dtype, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"])
+    # Older specs (and results.json files) have neither: AdamW without autocast, what every run measured before.
+    optimizer_name, autocast = spec.get("optimizer", "adamw"), spec.get("autocast", "none")
+    check_precision(optimizer_name, autocast, spec["dtype"], spec["device"])
+    optimizer = make_optimizer(optimizer_name, trainable, spec["lr"])
     chunk = external_chunk_size(method)
     vocab = model.config.get_text_config().vocab_size
     record = {
         "method": method.name,
         "description": method.help,
         "method_spec": asdict(method),
+        "optimizer": optimizer_name,
+        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "autocast": autocast,
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
         "runs": [],
@@ -116,7 +132,7 @@ def run_method(spec: dict) -> dict:
         run = {"batch_size": batch_size, "seq_len": seq_len}
         try:
             batch = make_batch(vocab, batch_size, seq_len, device, spec["seed"])
-            run.update(measure(model, optimizer, batch, spec["steps"], chunk, device))
+            run.update(measure(model, optimizer, batch, spec["steps"], chunk, device, autocast))
         except torch.OutOfMemoryError as error:
             run["error"] = f"out of memory: {error}".splitlines()[0]
             torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -1,4 +1,6 @@
-"""The planner's predictions (`peft_ladder.planner`) against the peak memory a `python -m benchmarks` run measured."""
+"""The planner's predictions (`peft_ladder.planner`) against the peak memory a `python -m benchmarks` run measured,
+under the optimizer and autocast the run used (`--optimizer`, `--autocast`; results written before those options
+measured AdamW without autocast)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,21 @@ def validate(results_path: str) -> list[dict]:
         for run in record.get("runs", []):
             if "error" in run:
                 continue
-            e = estimate(config, record["method"], run["batch_size"], run["seq_len"], args["dtype"])
+            optimizer, autocast = record.get("optimizer", "adamw"), record.get("autocast", "none")
+            e = estimate(
+                config,
+                record["method"],
+                run["batch_size"],
+                run["seq_len"],
+                args["dtype"],
+                optimizer=optimizer,
+                autocast=autocast,
+            )
             rows.append(
                 {
                     "method": record["method"],
+                    "optimizer": optimizer,
+                    "autocast": autocast,
                     "batch_size": run["batch_size"],
                     "seq_len": run["seq_len"],
                     "predicted_bytes": e.total,
@@ -39,10 +52,13 @@ def validate(results_path: str) -> list[dict]:
 
 def validation_table(rows: list[dict]) -> str:
     """The rows of `validate` as markdown, with the mean and worst error under the table."""
-    lines = ["| method | batch | seq | predicted MiB | measured MiB | error |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | optimizer | autocast | batch | seq | predicted MiB | measured MiB | error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['batch_size']} | {row['seq_len']} | "
+            f"| {row['method']} | {row['optimizer']} | {row['autocast']} | {row['batch_size']} | {row['seq_len']} | "
             f"{row['predicted_bytes'] / 2**20:.1f} | {row['measured_bytes'] / 2**20:.1f} | {row['error']:+.1%} |"
         )
     if rows:

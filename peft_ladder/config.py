@@ -91,6 +91,14 @@ class LadderConfig(PeftConfig):
         default=None,
         metadata={"help": "xLadder's delta: how many final backbone layers are connected. Default: side_layers // 2."},
     )
+    down_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Rank k of low-rank down-projections (QST's d -> k -> d_s): each tap is projected by "
+            "Linear(d, k, bias=False) then Linear(k, d_s): at Llama-3.1-70B and r=8, k=16 gives 12M down-projection "
+            "parameters instead of 680M. Must be below the side width d_s. None (default): a full Linear(d, d_s)."
+        },
+    )
     # --- mixing and fusion --------------------------------------------------------------------------------------------
     gate: Union[Literal["sum", "learned"], float] = field(
         default="sum",
@@ -274,6 +282,8 @@ class LadderConfig(PeftConfig):
     def to_dict(self) -> dict:
         # TRL sets trainable_token_indices after the config is built: the saved format follows what is saved.
         saved = super().to_dict()
+        if saved.get("down_rank", 0) is None:  # not written when unused: peft-ladder versions before it read the file
+            del saved["down_rank"]
         if saved.get("trainable_token_indices") and saved["ladder_format_version"] < TOKEN_ROWS_FORMAT:
             saved["ladder_format_version"] = TOKEN_ROWS_FORMAT
         return saved
@@ -323,6 +333,10 @@ class LadderConfig(PeftConfig):
                 )
             _check_positive_int("xladder_depth", self.xladder_depth, "a positive integer")
         check_sizes(self.connections, self.side_layers, self.xladder_depth)
+        if self.down_rank is not None:
+            _check_positive_int(
+                "down_rank", self.down_rank, "a positive integer below the side width (e.g. 16, as QST) or None"
+            )
         if isinstance(self.gate, str):
             if self.gate not in GATES:
                 raise ValueError(f"gate={self.gate!r} is unknown; use 'sum', 'learned' or a float weight in [0, 1].")
@@ -380,6 +394,13 @@ class LadderConfig(PeftConfig):
                 f"side_init={self.side_init!r} is unknown; use 'default' (PyTorch's init), 'magnitude' (prune the "
                 "backbone by weight magnitude) or 'fisher' (by Fisher importance, then call "
                 "peft_ladder.initialize_side_fisher(model, batches))."
+            )
+        if self.side_init != "default" and self.down_rank is not None:
+            raise ValueError(
+                f"side_init={self.side_init!r} with down_rank={self.down_rank}: pruned init makes each down-projection "
+                "a selection of the side width's kept dims (rank d_s), which a rank-"
+                f"{self.down_rank} down-projection cannot hold. Use side_init='default' with down_rank, or "
+                "down_rank=None with pruned init."
             )
 
     def _validate_quantization(self) -> None:

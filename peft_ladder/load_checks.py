@@ -205,6 +205,12 @@ def _what_differs(saved: Shapes, expected: Shapes, model_layers: int, config) ->
             f"It was saved for a backbone of hidden size {file_up[0]} (side width {file_up[1]}); this model has hidden "
             f"size {model_up[0]} (side width {model_up[1]})."
         )
+    file_rank, model_rank = _down_rank(saved), _down_rank(expected)
+    if file_rank != model_rank and _indices(saved, "down"):
+        found.append(
+            f"It was saved with {_rank_text(file_rank)}; this config builds {_rank_text(model_rank)} "
+            "(adapter_config.json's down_rank must be the one it was trained with)."
+        )
     file_layers, model_reads = _saved_layers(saved, config), _indices(expected, "down")
     if file_layers and f"{model_layers}" != file_layers and _indices(saved, "down") != model_reads:
         found.append(
@@ -224,6 +230,19 @@ def _what_differs(saved: Shapes, expected: Shapes, model_layers: int, config) ->
             f"parameters than this model's ({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''})."
         )
     return found
+
+
+def _down_rank(shapes: Shapes) -> Optional[int]:
+    """LadderConfig.down_rank of the side network these tensors belong to: k from a low-rank down-projection's
+    first weight (`down.<i>.0.weight`, (k, d)), None for full ones (`down.<i>.weight`)."""
+    pattern = re.compile(r"\.ladder_side\.down\.\d+\.0\.weight$")
+    return next((shape[0] for key, shape in shapes.items() if pattern.search(key)), None)
+
+
+def _rank_text(rank: Optional[int]) -> str:
+    return (
+        "full down-projections (down_rank=None)" if rank is None else f"rank-{rank} down-projections (down_rank={rank})"
+    )
 
 
 def _block_parameters(shapes: Shapes) -> set[str]:

@@ -111,6 +111,14 @@ METHODS = {
             freeze_down=True,
         ),
         _m(
+            "ladder-4bit-lowrank",
+            "ladder",
+            "Ladder-4bit, rank-16 down-projections d -> 16 -> d_s (QST; LadderConfig(down_rank=16))",
+            quantization="4bit",
+            loss_chunk_size=DEFAULT_CHUNK,
+            ladder_options=(("down_rank", 16),),
+        ),
+        _m(
             "ladder-4bit-config",
             "ladder",
             "Ladder-4bit quantized by LadderConfig(quantization='4bit') instead of "
@@ -141,7 +149,7 @@ DEFAULT_METHODS = (
     "ladder-4bit-bf16side",
     "ladder-4bit-frozendown",
     "ladder-8bit",
-)
+)  # not ladder-4bit-lowrank: its rank 16 needs a side width above 16, which `--model tiny` (width 8) does not have
 
 
 def get_method(name: str) -> Method:

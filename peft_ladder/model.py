@@ -44,7 +44,7 @@ from .loss import chunked_causal_lm_forward, chunking_blocker
 from .options import check_modules_to_save
 from .quantization import describe, prepare_backbone
 from .side_init import check_supported, prepare_side_init
-from .side_network import LadderSideNetwork
+from .side_network import LadderSideNetwork, check_down_rank
 from .tokens import TokenTargets, folded_head_weight, resolve_token_targets
 
 _ADAPTER_KEY = r"((?:^|\.)" + LADDER_PREFIX + r"[^.]*)\.{adapter}(?=\.|$)"
@@ -91,6 +91,7 @@ class AdapterSetup:
         shrunk = side_config(backbone.config, backbone.num_layers, plan.side_blocks, config.reduction_factor)
         quantized = config.quantization is not None or describe(model) is not None
         check_supported(backbone, shrunk, config.side_init, quantized)
+        check_down_rank(config.down_rank, int(shrunk.hidden_size), config.reduction_factor)
         tokens = resolve_token_targets(model, config.trainable_token_indices)
         setup = cls(
             backbone,
@@ -151,6 +152,7 @@ class AdapterSetup:
             config.init_weights,
             config.fusion_scale,
             self.tokens,
+            config.down_rank,
         )
 
     def side_network(self, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:

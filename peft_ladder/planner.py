@@ -35,6 +35,7 @@ from .planner_terms import (
     saved_activations,
     side_network,
     side_params,
+    trainable_tensor_sizes,
     vector_params,
 )
 
@@ -110,7 +111,9 @@ def estimate(
         weights += frozen_down * param_bytes
     if spec.kind != "full":
         weights += trainable * param_bytes
-    state = optimizer_state(optimizer, trainable, vector_params(shape, spec, side), param_bytes)
+    sizes = trainable_tensor_sizes(shape, spec, side)
+    assert sum(sizes) == trainable  # the two counts describe one model
+    state = optimizer_state(optimizer, sizes, param_bytes)
     grads = trainable * param_bytes
 
     activations, recompute = saved_activations(shape, spec, tokens, b, side, autocast)
@@ -322,6 +325,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--xladder-depth", type=int, default=None, help="LadderConfig.xladder_depth (xladder methods)")
     parser.add_argument("--gate", default="sum", help="LadderConfig.gate: sum, learned or a float weight")
+    parser.add_argument(
+        "--down-rank", type=int, default=None, help="LadderConfig.down_rank: low-rank down-projections (e.g. 16)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
     if not args.config:
@@ -334,9 +340,13 @@ def main(argv=None) -> int:
     kwargs = dict(
         dtype=args.dtype, optimizer=args.optimizer, reduction_factor=args.reduction_factor, autocast=args.autocast
     )
-    if (args.side_layers, args.xladder_depth, gate) != (None, None, "sum"):
+    if (args.side_layers, args.xladder_depth, gate, args.down_rank) != (None, None, "sum", None):
+        chosen = dict(
+            side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate, down_rank=args.down_rank
+        )
+        # Only the options given: a method's own LadderConfig fields (ladder-4bit-lowrank's down_rank) stay.
         kwargs["ladder_config"] = argparse.Namespace(
-            side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate
+            **{name: value for name, value in chosen.items() if value is not None}
         )
     if args.gpu_gb is not None:
         if args.json:

@@ -26,6 +26,7 @@ SIDE_FIELDS = {
     "connections": "ladder",
     "xladder_depth": None,
     "gate": "sum",
+    "down_rank": None,
 }
 # The LadderConfig fields that decide what training keeps of the taps and side blocks, and their defaults.
 MEMORY_FIELDS = {"side_checkpointing": None, "saved_taps": "native"}
@@ -94,6 +95,7 @@ class Side:
     gate: Union[str, float]
     side_checkpointing: Optional[bool] = None
     saved_taps: str = "native"
+    down_rank: Optional[int] = None  # LadderConfig.down_rank: low-rank down-projections d -> k -> d_s
 
     @property
     def taps(self) -> int:
@@ -108,6 +110,11 @@ class Side:
         """Bytes per token one trainable down-projection keeps of its (d,) tap on a `b`-byte-float backbone."""
         value = TAP_VALUE_BYTES[self.saved_taps]
         return (b if value is None else value) * d + TAP_TOKEN_BYTES[self.saved_taps]
+
+    def down_mid_bytes(self, s: int) -> int:
+        """Bytes per token and tap a low-rank down-projection saves besides the tap: its (k,) middle, in `s`-byte
+        floats, for the second Linear's weight gradient."""
+        return 0 if self.down_rank is None else s * self.down_rank
 
 
 def transformers_config(config):
@@ -128,7 +135,7 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
 
     Starts from the method's connections and LadderConfig's defaults; `ladder_config` (a `LadderConfig`, or any
     object with some of its fields) and then keyword `fields` that are not None override reduction_factor,
-    side_layers, connections, xladder_depth, gate, side_checkpointing and saved_taps."""
+    side_layers, connections, xladder_depth, gate, down_rank, side_checkpointing and saved_taps."""
     known = {**SIDE_FIELDS, **MEMORY_FIELDS}
     unknown = sorted(set(fields) - set(known))
     if unknown:
@@ -148,6 +155,7 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
         gate=chosen["gate"],
         side_checkpointing=chosen["side_checkpointing"],
         saved_taps=chosen["saved_taps"],
+        down_rank=chosen["down_rank"],
     )
 
 
@@ -166,7 +174,8 @@ def quantized_bytes(params: int, rows: int, kind: Optional[str], dtype_bytes: in
 def side_params(shape: Shape, side: Side, method: Method) -> tuple[int, int]:
     """(trainable side parameters, frozen down-projection parameters), counted as `LadderSideNetwork` builds them."""
     d, ds = shape.hidden, side.shape.hidden
-    down = side.taps * (d * ds + ds)
+    k = side.down_rank
+    down = side.taps * ((d * ds if k is None else k * (d + ds)) + ds)  # Linear(d, d_s) or d -> k (no bias) -> d_s
     block = linear_params(side.shape) + 2 * ds
     gates = len(side.plan.block_to_layer) if side.gate == "learned" else 0
     trainable = side.shape.layers * block + ds + ds * d + gates + (0 if method.freeze_down else down)
@@ -228,7 +237,10 @@ def saved_activations(
     elif spec.kind == "lora":
         layer = _lora_layer_saved(shape, b, autocast)
         per_token = L * b * d if spec.gradient_checkpointing else L * layer  # checkpoints: each layer's input
-        recompute = tokens * (layer + 2 * b * d) if spec.gradient_checkpointing else 0
+        # While the recomputed layer runs backward, the gradient of the MLP down-projection's input is in flight in
+        # fp32 (PEFT casts each adapted input to fp32) and, under autocast, also as a bf16 copy.
+        in_flight = 2 * b * d + (4 + (2 if autocast else 0)) * shape.intermediate
+        recompute = tokens * (layer + in_flight) if spec.gradient_checkpointing else 0
     else:
         per_token, recompute = _side_saved(side, spec, tokens, d, b, autocast)
     return tokens * (per_token + 4 * d), recompute  # + the final norm's fp32 input
@@ -250,20 +262,39 @@ def _side_saved(side: Side, spec: Method, tokens: int, d: int, b: int, autocast:
         recompute = tokens * (block + 2 * stream * ds)  # one block's activations, plus gradients in flight
     else:
         blocks = side.shape.layers * block
-    taps = 0 if spec.freeze_down else side.taps * side.tap_bytes(d, b)
+    # a low-rank down-projection also keeps its (k,) middle for the second Linear's weight gradient
+    taps = 0 if spec.freeze_down else side.taps * (side.tap_bytes(d, b) + side.down_mid_bytes(stream))
     mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
     # the side's final norm and the up-projection's input (under autocast its fp32 input and a bf16 normed copy)
     head = 8 * ds if fp32_under_autocast else 2 * 4 * d
     return taps + blocks + mixes * 2 * stream * ds + head, recompute
 
 
-def optimizer_state(optimizer: str, trainable: int, vectors: int, param_bytes: int) -> float:
-    """M2: AdamW's two states in the parameters' dtype, or bitsandbytes' 8-bit AdamW: one byte per state and value
-    plus an fp32 absmax per 256 values, and fp32 states for tensors under 4,096 values (norms, biases, gates)."""
+def optimizer_state(optimizer: str, sizes: list[int], param_bytes: int) -> float:
+    """M2 for trainable tensors of `sizes` values each: AdamW's two states in the parameters' dtype, or bitsandbytes'
+    8-bit AdamW: per tensor of at least 4,096 values one byte per state and value plus an fp32 absmax per 256
+    values; fp32 states for smaller tensors (norms, biases, gates, and small matrices; its `min_8bit_size`)."""
     if optimizer in ("adamw", "adamw_torch"):
-        return 2 * trainable * param_bytes
-    large = trainable - vectors
-    return 2 * (large * (1 + 4 / BNB_BLOCK) + vectors * 4)
+        return 2 * sum(sizes) * param_bytes
+    return sum(2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 2 * 4 * n for n in sizes)
+
+
+def trainable_tensor_sizes(shape: Shape, spec: Method, side: Optional[Side]) -> list[int]:
+    """The number of values of each trainable tensor, as the model holds them (what 8-bit AdamW decides on)."""
+    if spec.kind == "full":
+        biases = [shape.q, shape.kv, shape.kv] if shape.qkv_bias else []
+        layer = [i * o for i, o in shape.linear_shapes()] + biases + [shape.hidden] * 2
+        head = [] if shape.tied else [shape.vocab * shape.hidden]
+        return layer * shape.layers + [shape.vocab * shape.hidden, *head, shape.hidden]
+    if spec.kind == "lora":
+        return [LORA_R * n for i, o in shape.linear_shapes() for n in (i, o)] * shape.layers
+    d, block, k = shape.hidden, side.shape, side.down_rank
+    biases = [block.q, block.kv, block.kv] if block.qkv_bias else []
+    blocks = ([i * o for i, o in block.linear_shapes()] + biases + [block.hidden] * 2) * block.layers
+    down = [d * block.hidden] if k is None else [k * d, block.hidden * k]
+    downs = [] if spec.freeze_down else (down + [block.hidden]) * side.taps
+    gates = [len(side.plan.block_to_layer)] if side.gate == "learned" else []
+    return blocks + downs + [block.hidden, block.hidden * d] + gates
 
 
 def vector_params(shape: Shape, spec: Method, side: Optional[Side]) -> int:

@@ -9,6 +9,9 @@ d_s = d / r (see `backbone.side_config`), so attention, rotary and padding conve
  hidden[i0 + 1] --down---------+   hidden[i1 + 1]-+          (i_j: the backbone layer connected to side block j)
 ```
 
+Each `down` is a Linear(d, d_s), or with `LadderConfig.down_rank` k QST's low-rank d -> k -> d_s
+(`down_projection`): k (d + d_s) weights per tap instead of d d_s, the lever at 70B (docs/benchmarks.md).
+
 Why the side output is scaled by rms(h_L) (docs/defaults.md has the measurements): the fusion point is the input of the
 backbone's final RMS norm, where a pretrained model's residual stream is large (per-token RMS about 42 in
 SmolLM2-135M, with outliers in the thousands) and differs from model to model. An up-projection added there
@@ -45,6 +48,25 @@ FusionScale = Literal["rms", "rms_gain"]  # LadderConfig.fusion_scale: what the 
 FUSION_SCALES: tuple[str, ...] = get_args(FusionScale)
 
 
+def check_down_rank(down_rank: Optional[int], side_width: int, reduction_factor: int) -> None:
+    """Raise a ValueError if `down_rank` (LadderConfig.down_rank) is not below the side width it projects to."""
+    if down_rank is not None and down_rank >= side_width:
+        raise ValueError(
+            f"down_rank={down_rank} is not below the side width {side_width} (hidden size / reduction_factor="
+            f"{reduction_factor}): a rank-{down_rank} down-projection would have at least the full one's rank and "
+            f"more parameters. Use a down_rank below {side_width} (e.g. {min(16, max(1, side_width // 4))}) or None."
+        )
+
+
+def down_projection(hidden_size: int, side_width: int, down_rank: Optional[int]) -> nn.Module:
+    """One tap's down-projection: Linear(d, d_s), or with `down_rank` k QST's low-rank d -> k -> d_s
+    (Sequential(Linear(d, k, bias=False), Linear(k, d_s))): k * (d + d_s) weights instead of d * d_s."""
+    if down_rank is None:
+        return TapLinear(hidden_size, side_width)
+    # The first Linear reads the tap: a TapLinear, so the tap is kept as `saved_taps` says (taps.py).
+    return nn.Sequential(TapLinear(hidden_size, down_rank, bias=False), nn.Linear(down_rank, side_width))
+
+
 class LadderSideNetwork(nn.Module):
     """One adapter's side network. `project` runs at each tapped layer, `forward` at the fusion point."""
 
@@ -59,6 +81,7 @@ class LadderSideNetwork(nn.Module):
         init_weights: bool = True,
         fusion_scale: str = "rms_gain",
         tokens: Optional[TokenTargets] = None,
+        down_rank: Optional[int] = None,
     ) -> None:
         super().__init__()
         side_width = int(side_config.hidden_size)
@@ -68,7 +91,9 @@ class LadderSideNetwork(nn.Module):
         self.gate_temperature = float(gate_temperature)
         self.fusion_scale = fusion_scale
         # Projection adapters, keyed by the hidden-state index they read (see `connections.py`).
-        self.down = nn.ModuleDict({str(index): TapLinear(hidden_size, side_width) for index in plan.tap_indices})
+        self.down = nn.ModuleDict(
+            {str(index): down_projection(hidden_size, side_width, down_rank) for index in plan.tap_indices}
+        )
         self.blocks = nn.ModuleList(
             [block_cls(side_config, layer_idx=plan.num_layers + j) for j in range(plan.side_blocks)]
         )

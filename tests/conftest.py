@@ -196,6 +196,7 @@ CONFIG_CASES = {
     "learned-gate": {"gate": "learned"},
     "fixed-gate": {"gate": 0.5},
     "side-layers-2": {"side_layers": 2},  # fewer side blocks than the backbone's 4 layers
+    "down-rank": {"down_rank": 4},  # low-rank down-projections d -> 4 -> d_s (QST)
     "quantized-4bit": {"quantization": "4bit"},
 }
 QUANTIZED = {name for name, kwargs in CONFIG_CASES.items() if kwargs.get("quantization")}
