@@ -17,6 +17,7 @@ from torch import nn
 from peft_ladder import LadderConfig
 from peft_ladder.memory import SavedTensorCounter, held_tensors, storage_bytes
 from peft_ladder.planner import estimate, saved_activation_bytes
+from peft_ladder.taps import TapLinear
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "adapter-0.1.0.dev0-llama")
 D, SIDE, RANK = 64, 16, 4  # tiny Llama hidden size, its side width at reduction_factor=4, the rank tested
@@ -39,7 +40,8 @@ def test_each_tap_gets_a_rank_k_projection_with_fewer_parameters():
         first, second = down
         assert (first.in_features, first.out_features, first.bias) == (D, RANK, None)
         assert (second.in_features, second.out_features, second.bias.shape) == (RANK, SIDE, (SIDE,))
-    assert all(type(down) is nn.Linear for down in side_of(full).down.values())
+    assert all(type(down) is TapLinear for down in side_of(full).down.values())
+    assert all(type(down[0]) is TapLinear for down in downs)  # the first Linear reads the tap (taps.py)
     per_tap = (D * SIDE + SIDE) - (D * RANK + RANK * SIDE + SIDE)
     assert trainable(full) - trainable(low) == 5 * per_tap
 
@@ -93,7 +95,7 @@ def test_an_adapter_saved_before_the_field_loads_with_full_projections():
     assert "down_rank" not in config
     model = PeftModel.from_pretrained(tiny_causal_lm("llama"), FIXTURE)
     assert model.peft_config["default"].down_rank is None
-    assert all(type(down) is nn.Linear for down in side_of(model).down.values())
+    assert all(type(down) is TapLinear for down in side_of(model).down.values())
 
 
 @pytest.mark.parametrize(
