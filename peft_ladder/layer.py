@@ -76,8 +76,11 @@ class ForwardState:
         return torch.set_grad_enabled(self.grad_enabled)
 
     def record_tap(self, index: int, hidden: torch.Tensor) -> None:
-        """Down-project backbone hidden state `hidden[index]` if the side network reads it."""
-        if self.side is not None and self.side.reads(index):
+        """Down-project backbone hidden state `hidden[index]` if the side network reads it.
+
+        Layer i records its input (index i) and its output (index i + 1), so an inner hidden state is offered twice:
+        as layer i - 1's output and as layer i's input, the same tensor. It is projected once."""
+        if self.side is not None and self.side.reads(index) and index not in self._taps:
             with self.side_grad():
                 self._taps[index] = self.side.project(index, hidden, self.token_ids)
 

@@ -265,8 +265,9 @@ def _side_saved(side: Side, spec: Method, tokens: int, d: int, b: int, autocast:
     # a low-rank down-projection also keeps its (k,) middle for the second Linear's weight gradient
     taps = 0 if spec.freeze_down else side.taps * (side.tap_bytes(d, b) + side.down_mid_bytes(stream))
     mixes = len(side.plan.block_to_layer) if side.gate == "learned" else 0  # mu * side, (1 - mu) * tap
-    # the side's final norm and the up-projection's input (under autocast its fp32 input and a bf16 normed copy)
-    head = 8 * ds if fp32_under_autocast else 2 * 4 * d
+    # The side's final norm (its input and output) and the up-projection's input; the output scale's rms(h_L) and
+    # the norm's inverse RMS, 4 bytes each. Under autocast: the norm's fp32 input and a bf16 normed copy.
+    head = 8 * ds if fp32_under_autocast else 3 * s * ds + 8
     return taps + blocks + mixes * 2 * stream * ds + head, recompute
 
 
