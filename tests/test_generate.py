@@ -190,3 +190,17 @@ def test_offloaded_caches_generate_what_the_dynamic_cache_generates(implementati
     model = ladder("llama", connections="xladder", init_weights=False).eval().to("cuda")
     inputs = {key: value.to("cuda") for key, value in prompts().items()}
     assert torch.equal(generate(model, inputs, cache_implementation=implementation), generate(model, inputs))
+
+
+def test_the_final_norms_gain_is_measured_again_when_its_weights_change_in_place():
+    # The fusion keeps the final norm's gain between forwards (decoding would otherwise measure it at every token);
+    # weights changed in place afterwards (load_state_dict copies in place) must count as a fresh model's would.
+    def with_large_gain(model):
+        with torch.no_grad():
+            model.base_model.model.model.norm.base_layer.weight[:3] = 50.0  # dimensions the fusion scales down
+        return model
+
+    reused = ladder("llama", seed=0, init_weights=False).eval()
+    generate(reused, prompts())  # measures the gain of the weights as built
+    fresh = with_large_gain(ladder("llama", seed=0, init_weights=False).eval())
+    assert torch.equal(generate(with_large_gain(reused), prompts()), generate(fresh, prompts()))
