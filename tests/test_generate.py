@@ -204,3 +204,26 @@ def test_the_final_norms_gain_is_measured_again_when_its_weights_change_in_place
     generate(reused, prompts())  # measures the gain of the weights as built
     fresh = with_large_gain(ladder("llama", seed=0, init_weights=False).eval())
     assert torch.equal(generate(with_large_gain(reused), prompts()), generate(fresh, prompts()))
+
+
+@pytest.mark.slow  # six compilations (about 40 s on a busy CPU)
+def test_compiled_decoding_follows_adapter_switches_and_disable_adapter():
+    # The compiled forward must not keep running the adapter it was traced with: dynamo's guards see the switch.
+    model = ladder("llama", connections="xladder", init_weights=False).eval()
+    model.add_adapter("other", LadderConfig(task_type="CAUSAL_LM", reduction_factor=4, init_weights=False))
+    inputs, config = prompts(), compile_config("eager")
+    expected = {}
+    for adapter in ("default", "other"):
+        model.set_adapter(adapter)
+        expected[adapter] = generate(model, inputs)
+    with model.disable_adapter():
+        expected["base"] = generate(model, inputs)
+    assert len({tuple(tokens.flatten().tolist()) for tokens in expected.values()}) == 3
+    for adapter in ("default", "other", "default"):
+        model.set_adapter(adapter)
+        assert torch.equal(
+            generate(model, inputs, cache_implementation="static", compile_config=config), expected[adapter]
+        )
+        with model.disable_adapter():
+            compiled = generate(model, inputs, cache_implementation="static", compile_config=config)
+        assert torch.equal(compiled, expected["base"])
