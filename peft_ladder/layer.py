@@ -246,6 +246,7 @@ class LadderFusionLayer(LadderLayer):
         self.ladder_side = nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
+        self._gain: Optional[tuple[tuple, torch.Tensor]] = None  # (what it was measured on, norm_gain): `_norm_gain`
 
     def update_layer(self, adapter_name: str, side: LadderSideNetwork) -> None:
         self.ladder_side[adapter_name] = side.train(self.base_layer.training)  # follow the model's mode (dropout)
@@ -329,9 +330,20 @@ class LadderFusionLayer(LadderLayer):
             # them (transformers' checkpointed layers drop the cache the same way).
             block_args, block_kwargs = _without_cache(block_args, block_kwargs)
         with _not_recorded(), _side_checkpointing(side.blocks, checkpointed):
-            gain = norm_gain(self.base_layer, hidden_states) if gain and side.fusion_scale == "rms_gain" else None
+            gain = self._norm_gain(hidden_states) if gain and side.fusion_scale == "rms_gain" else None
             side_out = side(taps, run_block, hidden_states, gain)  # (B, T, d)
         return hidden_states + side_out.to(hidden_states.dtype)
+
+    def _norm_gain(self, stream: torch.Tensor) -> torch.Tensor:
+        """`norm_gain` of the final norm, measured again only when its weights (pointer or in-place version) or the
+        stream's dtype or device change, not at every forward (every generated token)."""
+        if torch.compiler.is_compiling():
+            return norm_gain(self.base_layer, stream)  # traced into the graph once; a Python-side cache would break it
+        weights = tuple((p.data_ptr(), p._version) for p in self.base_layer.parameters())
+        key = (stream.dtype, stream.device, weights)
+        if self._gain is None or self._gain[0] != key:
+            self._gain = (key, norm_gain(self.base_layer, stream))
+        return self._gain[1]
 
     def __repr__(self) -> str:
         return "ladder_fusion." + super().__repr__()
