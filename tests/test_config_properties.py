@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_ladder import LadderConfig, initialize_side_fisher
+from peft_ladder.config import LADDER_FORMAT_VERSION
 
 JUNK = [None, True, False, 0, -1, 1.5, 2.0, math.nan, math.inf, "", "yes", "2", [], [1], {}, (1,), object()]
 
@@ -142,7 +143,7 @@ def problems(kw: dict) -> set[str]:
     ):
         bad.add("modules_to_save")
     version = get("ladder_format_version", 2)
-    if not (_int(version) and 1 <= version <= 2):
+    if not (_int(version) and 1 <= version <= LADDER_FORMAT_VERSION):
         bad.add("ladder_format_version")
     if "peft_ladder_version" in kw and not isinstance(kw["peft_ladder_version"], str):
         bad.add("peft_ladder_version")
