@@ -146,6 +146,8 @@ DEFAULT_METHODS = (
     "xladder",
     "ladder-4bit",
     "ladder-4bit-nochunk",
+    "ladder-4bit-nockpt",
+    "ladder-4bit-int8taps",
     "ladder-4bit-bf16side",
     "ladder-4bit-frozendown",
     "ladder-8bit",
