@@ -145,7 +145,10 @@ def build_fake(config, method: Method, mode: FakeTensorMode, dtype: torch.dtype 
         from peft_ladder import LadderConfig
 
         adapter = LadderConfig(
-            task_type="CAUSAL_LM", connections=method.connections, loss_chunk_size=method.loss_chunk_size
+            task_type="CAUSAL_LM",
+            connections=method.connections,
+            loss_chunk_size=method.loss_chunk_size,
+            **dict(method.ladder_options),  # e.g. saved_taps, side_checkpointing, down_rank
         )
         model = get_peft_model(model, adapter, autocast_adapter_dtype=not method.side_in_backbone_dtype)
     else:
