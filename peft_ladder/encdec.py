@@ -46,7 +46,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .backbone import Backbone, base_module, side_config
-from .layer import BackboneGuard, ForwardState, _not_recorded, _to_side
+from .layer import BackboneGuard, ForwardState, _to_side, side_block_runner
 from .side_network import BlockRunner, LadderSideNetwork
 
 # model_type -> what its encoder-decoder wiring was tested on; other families are refused (their layer signatures and
@@ -144,8 +144,10 @@ class SideEncoder(LadderSideNetwork):
     the backbone (module docstring), it is what the side decoder cross-attends to.
     """
 
-    def __init__(self, plan, hidden_size: int, side_config, block_cls: type, gate, gate_temperature: float) -> None:
-        super().__init__(plan, hidden_size, side_config, block_cls, gate, gate_temperature)
+    def __init__(
+        self, plan, hidden_size: int, side_config, block_cls: type, gate, gate_temperature: float, down_rank=None
+    ) -> None:
+        super().__init__(plan, hidden_size, side_config, block_cls, gate, gate_temperature, down_rank=down_rank)
         width = int(side_config.hidden_size)
         self.up = nn.Linear(width, width, bias=False)
         nn.init.eye_(self.up.weight)
@@ -168,6 +170,11 @@ class LadderSeq2SeqSide(LadderSideNetwork):
         super().__init__(*args, **kwargs)
         self.encoder = encoder
 
+    def set_memory_options(self, checkpointing: Optional[bool], saved_taps: str) -> None:
+        """`side_checkpointing` and `saved_taps` apply to both side stacks."""
+        super().set_memory_options(checkpointing, saved_taps)
+        self.encoder.set_memory_options(checkpointing, saved_taps)
+
 
 def build_side(model: nn.Module, backbone, plans: tuple, config, side_configs: tuple) -> LadderSeq2SeqSide:
     """The side encoder and decoder for `backbone` (`plans`, `side_configs`: encoder's, then decoder's)."""
@@ -182,6 +189,7 @@ def build_side(model: nn.Module, backbone, plans: tuple, config, side_configs: t
         block_factory(encoder_cls, encoder_config),
         config.gate,
         config.gate_temperature,
+        down_rank=config.down_rank,
     )
     return LadderSeq2SeqSide(
         encoder,
@@ -193,6 +201,7 @@ def build_side(model: nn.Module, backbone, plans: tuple, config, side_configs: t
         config.gate_temperature,
         config.init_weights,
         config.fusion_scale,
+        down_rank=config.down_rank,
     )
 
 
@@ -306,11 +315,8 @@ class EncoderGuard:
         device = side.up.weight.device
         block_args, block_kwargs = _to_side((block_args, block_kwargs), side.dtype, device)
 
-        def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
-            out = block(side_hidden, *block_args, **block_kwargs)
-            return out[0] if isinstance(out, tuple) else out
-
-        with torch.set_grad_enabled(bool(grad_enabled)), _not_recorded():
+        # Grad mode first: the runner checkpoints the side encoder's blocks only when they train.
+        with torch.set_grad_enabled(bool(grad_enabled)), side_block_runner(side, block_args, block_kwargs) as run_block:
             memory = side.encode(taps, run_block)  # (B, S, d_s)
         if self.state.in_model_forward:
             self.state.memory = memory

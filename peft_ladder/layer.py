@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import output_capturing
 
 from .cache import reserve_side_slots
-from .side_network import LadderSideNetwork
+from .side_network import BlockRunner, LadderSideNetwork
 from .tokens import add_head_rows, record_token_ids
 
 GC_WARNING = (
@@ -317,19 +317,7 @@ class LadderFusionLayer(LadderLayer):
         block_args, block_kwargs = _to_side((block_args, block_kwargs), side.dtype, side.up.weight.device)
         reserve_side_slots(_find_cache(block_args, block_kwargs), side.side_config)  # each adapter its own depth
 
-        def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
-            if checkpointed and not isinstance(block, GradientCheckpointingLayer):
-                out = CHECKPOINT(block, side_hidden, *block_args, **block_kwargs)
-            else:
-                out = block(side_hidden, *block_args, **block_kwargs)
-            return out[0] if isinstance(out, tuple) else out
-
-        checkpointed = side.checkpoints_blocks()
-        if checkpointed:
-            # A recomputed block would write its keys and values a second time; a training forward does not need
-            # them (transformers' checkpointed layers drop the cache the same way).
-            block_args, block_kwargs = _without_cache(block_args, block_kwargs)
-        with _not_recorded(), _side_checkpointing(side.blocks, checkpointed):
+        with side_block_runner(side, block_args, block_kwargs) as run_block:
             gain = self._norm_gain(hidden_states) if gain and side.fusion_scale == "rms_gain" else None
             side_out = side(taps, run_block, hidden_states, gain)  # (B, T, d)
         return hidden_states + side_out.to(hidden_states.dtype)
@@ -384,6 +372,28 @@ def _side_checkpointing(blocks: nn.ModuleList, enabled: bool) -> Iterator[None]:
                 del layer._gradient_checkpointing_func
             else:
                 layer._gradient_checkpointing_func = func
+
+
+@contextmanager
+def side_block_runner(side: LadderSideNetwork, block_args: tuple, block_kwargs: dict) -> Iterator[BlockRunner]:
+    """The function that runs one side block on the reused attention inputs, checkpointed when
+    `side.checkpoints_blocks()` says so (call it in the side pass's grad mode), with the side blocks kept out of
+    `output_hidden_states` / `output_attentions`."""
+    checkpointed = side.checkpoints_blocks()
+    if checkpointed:
+        # A recomputed block would write its keys and values a second time; a training forward does not need them
+        # (transformers' checkpointed layers drop the cache the same way).
+        block_args, block_kwargs = _without_cache(block_args, block_kwargs)
+
+    def run_block(block: nn.Module, side_hidden: torch.Tensor) -> torch.Tensor:
+        if checkpointed and not isinstance(block, GradientCheckpointingLayer):
+            out = CHECKPOINT(block, side_hidden, *block_args, **block_kwargs)
+        else:
+            out = block(side_hidden, *block_args, **block_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    with _not_recorded(), _side_checkpointing(side.blocks, checkpointed):
+        yield run_block
 
 
 @contextmanager

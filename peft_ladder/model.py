@@ -125,6 +125,8 @@ class AdapterSetup:
             encoder_targets=frozenset(stack.layer_names),
             reference_names=frozenset({backbone.layer_names[-1], stack.layer_names[-1]}),
         )
+        for side in (setup.encoder_side_config, setup.side_config):
+            check_down_rank(config.down_rank, int(side.hidden_size), r)
         setup.check_saved_weights(model, config)
         return setup
 

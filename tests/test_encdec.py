@@ -450,3 +450,33 @@ def test_untested_encoder_decoder_families_are_refused_with_what_is_supported():
         r"tested on; Ladder supports .* T5 and BART \(SEQ_2_SEQ_LM\)",
     ):
         get_peft_model(tf.MBartForConditionalGeneration(config), LadderConfig(task_type="SEQ_2_SEQ_LM"))
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHS)
+def test_memory_options_and_down_rank_reach_both_side_stacks(arch):
+    model = seq2seq_ladder(arch, saved_taps="int8", down_rank=2, side_checkpointing=True)
+    side = side_of(model)
+    for stack in (side, side.encoder):
+        assert stack.saved_taps == "int8" and stack.checkpointing is True
+        assert all(isinstance(down, torch.nn.Sequential) and down[0].out_features == 2 for down in stack.down.values())
+        assert all(down[0].saved_taps == "int8" for down in stack.down.values())
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHS)
+def test_side_checkpointing_keeps_loss_and_gradients_and_saves_less(arch):
+    runs = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = seq2seq_ladder(arch, init_weights=False, side_checkpointing=checkpointing).train()
+        batch = inputs()
+        batch["labels"] = batch["input_ids"][:, :6].clone()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[checkpointing] = (loss.detach(), grads, saved_bytes(model, batch))
+    (loss_off, grads_off, bytes_off), (loss_on, grads_on, bytes_on) = runs[False], runs[True]
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys() and any("encoder" in n for n in grads_on)
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, atol=1e-6, rtol=1e-5)
+    assert bytes_on < bytes_off
