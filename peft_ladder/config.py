@@ -31,6 +31,9 @@ LADDER_FORMAT_VERSION = 3  # the newest format this version reads
 BASE_FORMAT = 2  # what an adapter without token rows is saved as
 TOKEN_ROWS_FORMAT = 3
 LEGACY_FORMAT = {"ladder_format_version": 1, "fusion_scale": "rms"}  # what a JSON without the version meant
+# Fields added after format 2 that change nothing a saved adapter computes, or that are off by default: written only
+# when set, so that an adapter which does not use them stays readable by the peft-ladder versions before them.
+UNWRITTEN_DEFAULTS = {"down_rank": None, "side_checkpointing": None, "saved_taps": "native", "mlp_chunk_size": None}
 
 
 def _check_positive_int(name: str, value: object, expected: str) -> None:
@@ -208,6 +211,16 @@ class LadderConfig(PeftConfig):
             "pinned CPU copy made during the forward and brought back in backward (CUDA only)."
         },
     )
+    mlp_chunk_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Run each frozen backbone layer's MLP (its `mlp` module) over chunks of this many tokens of the "
+            "sequence, one chunk after the other: the same outputs (an MLP acts on each token alone), and at long "
+            "context the forward holds (chunk x intermediate) instead of (tokens x intermediate) MLP activations, "
+            "three at once. For decoders and encoders whose layers have an `mlp` module (Llama, Qwen, Mistral, Gemma, "
+            "GPT-2, ModernBERT). None (default): no chunking."
+        },
+    )
     # --- new tokens (tokens.py; docs/how-to/training.md, "New tokens") ---------------------------------------------
     trainable_token_indices: Optional[TokenIndices] = field(
         default=None,
@@ -282,8 +295,10 @@ class LadderConfig(PeftConfig):
     def to_dict(self) -> dict:
         # TRL sets trainable_token_indices after the config is built: the saved format follows what is saved.
         saved = super().to_dict()
-        if saved.get("down_rank", 0) is None:  # not written when unused: peft-ladder versions before it read the file
-            del saved["down_rank"]
+        # Fields not written at their defaults: peft-ladder versions before them still read such a file.
+        for name, default in UNWRITTEN_DEFAULTS.items():
+            if name in saved and saved[name] == default:
+                del saved[name]
         if saved.get("trainable_token_indices") and saved["ladder_format_version"] < TOKEN_ROWS_FORMAT:
             saved["ladder_format_version"] = TOKEN_ROWS_FORMAT
         return saved
@@ -381,6 +396,10 @@ class LadderConfig(PeftConfig):
             raise ValueError(
                 f"side_checkpointing={self.side_checkpointing!r} must be None (checkpoint the side blocks whenever "
                 "that lowers the peak), True or False."
+            )
+        if self.mlp_chunk_size is not None:
+            _check_positive_int(
+                "mlp_chunk_size", self.mlp_chunk_size, "a positive number of tokens (e.g. 1024) or None"
             )
         if self.saved_taps not in SAVED_TAPS:
             raise ValueError(

@@ -170,8 +170,8 @@ class LadderSeq2SeqSide(LadderSideNetwork):
         super().__init__(*args, **kwargs)
         self.encoder = encoder
 
-    def set_memory_options(self, checkpointing: Optional[bool], saved_taps: str) -> None:
-        """`side_checkpointing` and `saved_taps` apply to both side stacks."""
+    def set_memory_options(self, checkpointing: Optional[bool], saved_taps: str, mlp_chunk_size=None) -> None:
+        """`side_checkpointing` and `saved_taps` apply to both side stacks (`mlp_chunk_size` is refused here)."""
         super().set_memory_options(checkpointing, saved_taps)
         self.encoder.set_memory_options(checkpointing, saved_taps)
 
@@ -214,6 +214,7 @@ def check_config(model: nn.Module, config) -> None:
         "quantization": config.quantization,
         "trainable_token_indices": config.trainable_token_indices,
         "side_init": None if config.side_init == "default" else config.side_init,
+        "mlp_chunk_size": config.mlp_chunk_size,
     }
     for name, value in refused.items():
         if value is not None:

@@ -38,7 +38,7 @@ from .backbone import Backbone, base_module, find_backbone, reference_layer_inde
 from .config import LadderConfig
 from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
-from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
+from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer, check_mlp_chunking
 from .load_checks import check_saved_tensors, expected_tensor_shapes
 from .loss import chunked_causal_lm_forward, chunking_blocker
 from .options import check_modules_to_save
@@ -92,6 +92,7 @@ class AdapterSetup:
         quantized = config.quantization is not None or describe(model) is not None
         check_supported(backbone, shrunk, config.side_init, quantized)
         check_down_rank(config.down_rank, int(shrunk.hidden_size), config.reduction_factor)
+        check_mlp_chunking(model, backbone.layer_names, config.mlp_chunk_size)
         tokens = resolve_token_targets(model, config.trainable_token_indices)
         setup = cls(
             backbone,
@@ -161,7 +162,7 @@ class AdapterSetup:
         if self.side is None:
             self.side = self.build_side(model, config)
             prepare_side_init(self.side, model, config.side_init, adapter_name)  # LadderConfig.side_init
-            self.side.set_memory_options(config.side_checkpointing, config.saved_taps)
+            self.side.set_memory_options(config.side_checkpointing, config.saved_taps, config.mlp_chunk_size)
         return self.side
 
     def tap_side(self, name: str, model: nn.Module, config: LadderConfig, adapter_name: str) -> LadderSideNetwork:

@@ -130,7 +130,9 @@ def estimate(
         # The frozen backbone keeps nothing, but each layer's MLP holds three (tokens, intermediate) tensors at once
         # during the forward (act(gate), up and their product): at long context, with the side blocks checkpointed,
         # that working set peaks above the loss (measured on `small` at 8k tokens: 63 of 132 MiB).
-        logits = max(logits, 3 * tokens * shape.intermediate * b)
+        # LadderConfig.mlp_chunk_size runs the MLP over chunks of the sequence: (batch x chunk) tokens at once.
+        mlp_tokens = tokens if side.mlp_chunk_size is None else batch_size * min(seq_len, side.mlp_chunk_size)
+        logits = max(logits, 3 * mlp_tokens * shape.intermediate * b)
     if spec.kind == "full":
         # The gradients do not exist yet when the loss peaks (zero_grad(set_to_none=True)), except the head's; the
         # optimizer step holds all of them plus AdamW's scratch (one copy of the state).
@@ -333,6 +335,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--down-rank", type=int, default=None, help="LadderConfig.down_rank: low-rank down-projections (e.g. 16)"
     )
+    parser.add_argument(
+        "--mlp-chunk-size",
+        type=int,
+        default=None,
+        help="LadderConfig.mlp_chunk_size: the frozen backbone's MLPs run over chunks of this many tokens",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
     if not args.config:
@@ -345,10 +353,14 @@ def main(argv=None) -> int:
     kwargs = dict(
         dtype=args.dtype, optimizer=args.optimizer, reduction_factor=args.reduction_factor, autocast=args.autocast
     )
-    if (args.side_layers, args.xladder_depth, gate, args.down_rank) != (None, None, "sum", None):
-        chosen = dict(
-            side_layers=args.side_layers, xladder_depth=args.xladder_depth, gate=gate, down_rank=args.down_rank
-        )
+    chosen = dict(
+        side_layers=args.side_layers,
+        xladder_depth=args.xladder_depth,
+        gate=None if gate == "sum" else gate,
+        down_rank=args.down_rank,
+        mlp_chunk_size=args.mlp_chunk_size,
+    )
+    if any(value is not None for value in chosen.values()):
         # Only the options given: a method's own LadderConfig fields (ladder-4bit-lowrank's down_rank) stay.
         kwargs["ladder_config"] = argparse.Namespace(
             **{name: value for name, value in chosen.items() if value is not None}

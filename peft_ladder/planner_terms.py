@@ -29,7 +29,7 @@ SIDE_FIELDS = {
     "down_rank": None,
 }
 # The LadderConfig fields that decide what training keeps of the taps and side blocks, and their defaults.
-MEMORY_FIELDS = {"side_checkpointing": None, "saved_taps": "native"}
+MEMORY_FIELDS = {"side_checkpointing": None, "saved_taps": "native", "mlp_chunk_size": None}
 # Bytes per tap value a trainable down-projection keeps, by LadderConfig.saved_taps (None: the backbone's dtype), and
 # per token: int8 adds an fp32 scale; "cpu" keeps nothing on the device.
 TAP_VALUE_BYTES = {"native": None, "int8": 1, "cpu": 0}
@@ -96,6 +96,7 @@ class Side:
     side_checkpointing: Optional[bool] = None
     saved_taps: str = "native"
     down_rank: Optional[int] = None  # LadderConfig.down_rank: low-rank down-projections d -> k -> d_s
+    mlp_chunk_size: Optional[int] = None  # LadderConfig.mlp_chunk_size: the backbone's MLPs run over token chunks
 
     @property
     def taps(self) -> int:
@@ -135,7 +136,7 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
 
     Starts from the method's connections and LadderConfig's defaults; `ladder_config` (a `LadderConfig`, or any
     object with some of its fields) and then keyword `fields` that are not None override reduction_factor,
-    side_layers, connections, xladder_depth, gate, down_rank, side_checkpointing and saved_taps."""
+    side_layers, connections, xladder_depth, gate, down_rank, side_checkpointing, saved_taps and mlp_chunk_size."""
     known = {**SIDE_FIELDS, **MEMORY_FIELDS}
     unknown = sorted(set(fields) - set(known))
     if unknown:
@@ -156,6 +157,7 @@ def side_network(config, method: Method, ladder_config: Any = None, **fields: An
         side_checkpointing=chosen["side_checkpointing"],
         saved_taps=chosen["saved_taps"],
         down_rank=chosen["down_rank"],
+        mlp_chunk_size=chosen["mlp_chunk_size"],
     )
 
 

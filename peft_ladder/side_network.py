@@ -111,14 +111,18 @@ class LadderSideNetwork(nn.Module):
         # LadderConfig.trainable_token_indices (tokens.py). Built last: adapters without it draw the same random init.
         self.tokens = LadderTokenRows(tokens, hidden_size, init_weights) if tokens is not None else None
 
-    # LadderConfig.side_checkpointing and saved_taps (set by `set_memory_options`; these are their defaults).
+    # LadderConfig.side_checkpointing, saved_taps and mlp_chunk_size (set by `set_memory_options`; their defaults).
     checkpointing: Optional[bool] = None
     saved_taps: SavedTaps = "native"
+    mlp_chunk_size: Optional[int] = None
 
-    def set_memory_options(self, checkpointing: Optional[bool], saved_taps: SavedTaps) -> None:
-        """How training keeps what backward needs: `checkpointing` the side blocks, `saved_taps` the taps (taps.py)."""
+    def set_memory_options(
+        self, checkpointing: Optional[bool], saved_taps: SavedTaps, mlp_chunk_size: Optional[int] = None
+    ) -> None:
+        """How training keeps what backward needs: `checkpointing` the side blocks, `saved_taps` the taps (taps.py);
+        and `mlp_chunk_size`, the tokens per chunk the backbone's MLPs run over while this adapter is active."""
         assert saved_taps in SAVED_TAPS, saved_taps
-        self.checkpointing, self.saved_taps = checkpointing, saved_taps
+        self.checkpointing, self.saved_taps, self.mlp_chunk_size = checkpointing, saved_taps, mlp_chunk_size
         for down in self.down.values():
             reader = tap_reader(down)
             assert reader is not None, "a down-projection must read its tap with a taps.TapLinear"
