@@ -27,6 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import output_capturing
 
 from .cache import reserve_side_slots
+from .mlp_chunks import chunked_mlp
 from .side_network import BlockRunner, LadderSideNetwork
 from .tokens import add_head_rows, record_token_ids
 
@@ -373,56 +374,6 @@ def _side_checkpointing(blocks: nn.ModuleList, enabled: bool) -> Iterator[None]:
                 del layer._gradient_checkpointing_func
             else:
                 layer._gradient_checkpointing_func = func
-
-
-def check_mlp_chunking(model: nn.Module, layer_names: tuple[str, ...], chunk: Optional[int]) -> None:
-    """Refuse `LadderConfig.mlp_chunk_size` on a backbone whose layers have no `mlp` module to run in chunks."""
-    if chunk is None:
-        return
-    layer = model.get_submodule(layer_names[0])
-    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    if not isinstance(getattr(layer, "mlp", None), nn.Module):
-        raise ValueError(
-            f"mlp_chunk_size={chunk}: the layers of {type(model).__name__} ({type(layer).__name__}) have no `mlp` "
-            "module to run in chunks (supported: layers with an `mlp`, e.g. Llama, Qwen, Mistral, Gemma, GPT-2, "
-            "ModernBERT). Set mlp_chunk_size=None."
-        )
-
-
-@contextmanager
-def chunked_mlp(layer: nn.Module, chunk: Optional[int], hidden_states: torch.Tensor) -> Iterator[None]:
-    """While `layer` runs, its `mlp` runs over chunks of `chunk` tokens (dim -2) and concatenates the outputs.
-
-    Exact: an MLP acts on each token alone. The frozen layer runs without grad, so each chunk's (chunk x
-    intermediate) activations are freed before the next: the forward's MLP working set shrinks by tokens / chunk.
-    The chunked forward is set on the instance for this call only (it wraps whatever forward the module has, e.g.
-    accelerate's hook) and removed after.
-    """
-    if chunk is None or hidden_states.shape[-2] <= chunk:
-        yield
-        return
-    mlp = layer.mlp
-    own = mlp.__dict__.get("forward")  # an instance forward (accelerate's hook) to put back, or None
-    forward = mlp.forward
-
-    def run_in_chunks(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # contiguous: a chunk of a batch is a strided view, which some MLPs (GPT-2's Conv1D) cannot `.view`
-        parts = [forward(part.contiguous(), *args, **kwargs) for part in hidden.split(chunk, dim=-2)]
-        if not all(isinstance(part, torch.Tensor) for part in parts):
-            raise TypeError(
-                f"mlp_chunk_size={chunk}: {type(mlp).__name__} returns {type(parts[0]).__name__}, not a tensor (a "
-                "mixture-of-experts block?), so its outputs cannot be joined. Set mlp_chunk_size=None."
-            )
-        return torch.cat(parts, dim=-2)
-
-    mlp.forward = run_in_chunks
-    try:
-        yield
-    finally:
-        if own is None:
-            del mlp.forward
-        else:
-            mlp.forward = own
 
 
 @contextmanager

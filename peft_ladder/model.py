@@ -38,9 +38,10 @@ from .backbone import Backbone, base_module, find_backbone, reference_layer_inde
 from .config import LadderConfig
 from .connections import ConnectionPlan, resolve_plan
 from .hub import MODEL_TAGS
-from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer, check_mlp_chunking
+from .layer import BackboneGuard, ForwardState, LadderFusionLayer, LadderLayer, LadderTapLayer
 from .load_checks import check_saved_tensors, expected_tensor_shapes
 from .loss import chunked_causal_lm_forward, chunking_blocker
+from .mlp_chunks import check_mlp_chunking
 from .options import check_modules_to_save
 from .quantization import describe, prepare_backbone
 from .side_init import check_supported, prepare_side_init
