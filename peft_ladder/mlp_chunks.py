@@ -9,8 +9,8 @@ nothing, so running the MLP over chunks of the sequence frees each chunk's activ
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -30,8 +30,7 @@ def check_mlp_chunking(model: nn.Module, layer_names: tuple[str, ...], chunk: Op
         )
 
 
-@contextmanager
-def chunked_mlp(layer: nn.Module, chunk: Optional[int], hidden_states: torch.Tensor) -> Iterator[None]:
+def chunked_mlp(layer: nn.Module, chunk: Optional[int], hidden_states: torch.Tensor) -> ContextManager[None]:
     """While `layer` runs, its `mlp` runs over chunks of `chunk` tokens (dim -2) and concatenates the outputs.
 
     The same outputs up to float rounding: an MLP acts on each token alone. The frozen layer runs without grad,
@@ -40,9 +39,12 @@ def chunked_mlp(layer: nn.Module, chunk: Optional[int], hidden_states: torch.Ten
     forward the module has, e.g. accelerate's hook) and removed after.
     """
     if chunk is None or hidden_states.shape[-2] <= chunk:
-        yield
-        return
-    mlp = layer.mlp
+        return nullcontext()  # every call of every tap layer: decoding steps included, so no generator here
+    return _in_chunks(layer.mlp, chunk)
+
+
+@contextmanager
+def _in_chunks(mlp: nn.Module, chunk: int) -> Iterator[None]:
     own = mlp.__dict__.get("forward")  # an instance forward (accelerate's hook) to put back, or None
     forward = mlp.forward
 
