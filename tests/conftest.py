@@ -312,6 +312,11 @@ def ladder(model_or_arch="llama", *, seed: int | None = None, **config_kwargs):
         return get_peft_model(model, LadderConfig(**config_kwargs))
 
 
+def side_of(model, adapter: str = "default"):
+    """The side network of `adapter`, held by the model's fusion layer."""
+    return next(m.ladder_side[adapter] for m in model.modules() if hasattr(m, "ladder_side"))
+
+
 def logits(model, inputs: dict | None = None) -> torch.Tensor:
     """The model's logits on `inputs` (default: `batch()`), without autograd."""
     with torch.no_grad():

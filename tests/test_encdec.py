@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 import transformers as tf
-from conftest import CONFIG_CASES, QUANTIZED, SEQ2SEQ_ARCHS, VOCAB, tiny_seq2seq
+from conftest import CONFIG_CASES, QUANTIZED, SEQ2SEQ_ARCHS, VOCAB, side_of, tiny_seq2seq
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -61,10 +61,6 @@ def generate(model, batch: dict, **kwargs) -> torch.Tensor:
     source = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         return model.generate(**source, **kwargs)
-
-
-def side_of(model, adapter: str = "default"):
-    return next(m for m in model.modules() if isinstance(m, LadderFusionLayer)).ladder_side[adapter]
 
 
 # --- the common guarantees ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXPENSIVE_CASES, VOCAB, ladder, tiny_causal_lm, tiny_config
+from conftest import EXPENSIVE_CASES, VOCAB, ladder, side_of, tiny_causal_lm, tiny_config
 from transformers import CompileConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
@@ -92,10 +92,6 @@ def test_adapters_of_different_depths_each_generate_with_their_own_cache_slots(a
 
 
 # --- a static cache (cache_implementation="static", a user's StaticCache) and torch.compile ------------------------
-
-
-def side_of(model):
-    return model.base_model.model.model.norm.ladder_side["default"]
 
 
 @pytest.mark.parametrize("case", EXPENSIVE_CASES)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import transformers as tf
-from conftest import batch, ladder, logits, requires_bitsandbytes, tiny_causal_lm
+from conftest import batch, ladder, logits, requires_bitsandbytes, side_of, tiny_causal_lm
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -21,10 +21,6 @@ from peft_ladder.taps import TapLinear
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "adapter-0.1.0.dev0-llama")
 D, SIDE, RANK = 64, 16, 4  # tiny Llama hidden size, its side width at reduction_factor=4, the rank tested
-
-
-def side_of(model):
-    return next(m.ladder_side["default"] for m in model.modules() if hasattr(m, "ladder_side"))
 
 
 def trainable(model) -> int:

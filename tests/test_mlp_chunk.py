@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-from conftest import ARCHS, VOCAB, batch, ladder, logits, tiny_causal_lm, tiny_encoder, tiny_seq2seq
+from conftest import ARCHS, VOCAB, batch, ladder, logits, side_of, tiny_causal_lm, tiny_encoder, tiny_seq2seq
 from peft import PeftModel, get_peft_model
 
 from peft_ladder import LadderConfig
@@ -19,10 +19,6 @@ from peft_ladder.planner import estimate
 WITH_MLP = [arch for arch in ARCHS if arch != "opt"]  # OPT's layers hold fc1/fc2 directly, no `mlp` module
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 CHUNK = 5  # tokens per chunk: batch() has 12 tokens, so three chunks, the last one short
-
-
-def side_of(model):
-    return next(m for m in model.modules() if type(m).__name__ == "LadderSideNetwork")
 
 
 def set_chunk(model, chunk):

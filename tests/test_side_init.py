@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, BITSANDBYTES, batch, ladder, logits, tiny_causal_lm
+from conftest import ARCHS, BITSANDBYTES, batch, ladder, logits, side_of, tiny_causal_lm
 from peft import PeftModel
 
 from peft_ladder import LadderConfig, initialize_side_fisher, resolve_plan
 from peft_ladder.side_init import block_layers
 
 FISHER_BATCHES = [batch(seed=s) for s in range(2, 5)]
-
-
-def side_of(model):
-    return next(m.ladder_side["default"] for m in model.modules() if hasattr(m, "ladder_side"))
 
 
 def layers_of(model):

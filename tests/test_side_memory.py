@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch, ladder, tiny_causal_lm
+from conftest import batch, ladder, side_of, tiny_causal_lm
 from tiny_training import BackboneSaveProbe
 from torch import nn
 
 from peft_ladder import LadderConfig
-from peft_ladder.layer import GC_WARNING, LadderFusionLayer
+from peft_ladder.layer import GC_WARNING
 from peft_ladder.memory import SavedTensorCounter, saved_bytes
 from peft_ladder.taps import TapLinear, dequantize_per_token, quantize_per_token
 
@@ -43,10 +43,6 @@ def step(model: nn.Module) -> tuple[float, int, dict[str, torch.Tensor]]:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.item(), counter.bytes, grads
-
-
-def side_of(model: nn.Module):
-    return next(m for m in model.modules() if isinstance(m, LadderFusionLayer)).active_side()
 
 
 # --- side_checkpointing ----------------------------------------------------------------------------------------------
